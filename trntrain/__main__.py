@@ -1,0 +1,3 @@
+from trntrain.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""Backend: what differs between devices, behind one interface the trainer calls.
+
+Eager backends (cpu, cuda) make most of these no-ops; the lazy-tensor XLA backend
+gives them their meaning (the step boundary cuts the traced graph, host reads are
+device round trips), so the trainer calls them at the right places regardless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class Backend:
+    name: ClassVar[str]
+    # The torch.distributed process-group backend.
+    dist_backend: ClassVar[str]
+
+    def __init__(self, local_rank: int = 0) -> None:
+        self.local_rank = local_rank
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        if precision == "bf16_autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def step_boundary(self) -> None:
+        """End of one optimizer step: where a lazy backend compiles and runs the graph."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so that host timings mean something."""
+
+    def memory_stats(self) -> dict[str, float]:
+        """Peak memory of this process, in GiB."""
+        return {}
+
+    def peak_flops(self) -> float | None:
+        """Dense BF16 peak of one device in FLOP/s; None where MFU is not meaningful."""
+        return None
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def batches(self, batches: Iterator[list[tuple[torch.Tensor, torch.Tensor]]]
+                ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Move each step's micro-batches to the device."""
+        for step_batches in batches:
+            yield [(self.to_device(x), self.to_device(y)) for x, y in step_batches]
+
+
+def host_peak_rss_gib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux and bytes on macOS.
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)

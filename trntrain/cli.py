@@ -1,0 +1,102 @@
+"""`trntrain COMMAND [hydra overrides]`: train | models.
+
+`train` is a Hydra application over `conf/config.yaml`, so overrides, `--cfg job`,
+`--help` and multirun (`-m`) follow Hydra's grammar. Bad input ends in one
+message and exit status 2, before any process group is created where possible.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from trntrain.errors import UserError
+
+USAGE = """usage: trntrain COMMAND [overrides ...]
+
+commands:
+  train    train a model: trntrain train model=llama_tiny train.max_steps=100
+           (Hydra overrides; -m for a sweep; torchrun -m trntrain train ... for several ranks)
+  models   list the model sizes of conf/model with their parameter counts
+
+Run `trntrain train --help` for the config groups and keys."""
+
+
+def fail(message: str) -> None:
+    print(f"trntrain: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def train_task(cfg: DictConfig) -> None:
+    from trntrain.backend import build_backend
+    from trntrain.config import validate
+    from trntrain.distributed import destroy_process_group, init_process_group, world_from_env
+    from trntrain.run_dir import agree_run_dir, check_run_dir, setup_logging, write_run_dir
+    from trntrain.trainer import Trainer
+
+    world = world_from_env()
+    try:
+        validate(cfg, world.world_size)
+        if cfg.run.dir:
+            check_run_dir(Path(cfg.run.dir), cfg.run.overwrite)
+        backend = build_backend(cfg.backend.name, world.local_rank)
+    except UserError as err:
+        fail(str(err))
+    init_process_group(world, backend.dist_backend, cfg.backend.timeout_s)
+    try:
+        run_dir = agree_run_dir(cfg, world)
+        if world.is_main:
+            write_run_dir(run_dir, cfg, cfg.run.overwrite)
+        setup_logging(run_dir, world, cfg.logging.level)
+        Trainer(cfg, world, run_dir, backend).fit()
+    except UserError as err:
+        fail(str(err))
+    finally:
+        destroy_process_group()
+
+
+def models_command(argv: list[str]) -> None:
+    import torch
+
+    from trntrain.config import compose, config_dir
+    from trntrain.models import build_model, count_parameters
+
+    names = argv or sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+    print(f"{'model':<14}{'parameters':>16}  layers  dim    heads  kv  vocab")
+    for name in names:
+        cfg = compose([f"model={name}"]).model
+        with torch.device("meta"):
+            n = count_parameters(build_model(cfg))
+        print(f"{name:<14}{n / 1e9:>14.3f} B  {cfg.n_layers:>6}  {cfg.dim:<6} {cfg.n_heads:>5}  "
+              f"{cfg.n_kv_heads or cfg.n_heads:>2}  {cfg.vocab_size}")
+
+
+def run_hydra(task: Callable[[DictConfig], None], argv: list[str]) -> None:
+    import hydra
+
+    from trntrain.config import config_dir, register_configs
+
+    register_configs()
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        run_hydra(train_task, rest)
+    elif command == "models":
+        models_command(rest)
+    else:
+        fail(f"unknown command {command!r}; valid: train, models (see trntrain --help).")
+
+
+if __name__ == "__main__":
+    main()

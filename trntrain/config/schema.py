@@ -1,0 +1,171 @@
+"""Structured configs: the types behind every key of `conf/`.
+
+Each config group has a dataclass here, registered in Hydra's ConfigStore as the
+schema its YAML files extend, so Hydra rejects unknown keys and wrong types while
+composing. Semantic checks that need several keys at once live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class RunConfig:
+    # None: runs/<timestamp> (a sweep: <sweep dir>/<job number>), agreed by all ranks.
+    dir: str | None = None
+    # Reuse a run directory that already holds metrics.jsonl, replacing its files.
+    overwrite: bool = False
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama-3.1 frequency-dependent rope scaling."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = "llama"
+    dim: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    # None: multi-head attention (n_kv_heads = n_heads).
+    n_kv_heads: int | None = None
+    vocab_size: int = MISSING
+    ffn_hidden_dim: int = MISSING
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    # None: world size / (tp * pp).
+    dp: int | None = None
+    # Gradients are all-reduced over dp in flat buckets of about this size.
+    bucket_mb: float = 25.0
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 128
+    # Sequences per optimizer step, summed over data-parallel ranks.
+    global_batch_size: int = 16
+    # Sequences per forward/backward on one data-parallel rank.
+    micro_batch_size: int = 16
+    max_steps: int = 600
+    seed: int = 1234
+    # fp32 | bf16_autocast
+    precision: str = "fp32"
+    eval_every: int = 100
+    eval_batches: int = 8
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    # The cosine decays to min_lr_ratio * lr at train.max_steps.
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    # cosine | linear | constant (after warm-up)
+    decay: str = "cosine"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Clip the global gradient norm to this value; 0 disables clipping.
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING
+    # Fraction of documents held out for evaluation.
+    val_fraction: float = 0.02
+
+
+@dataclass
+class CorpusDataConfig(DataConfig):
+    """The Python standard library's source files, byte-level tokenized."""
+
+    source: str = "corpus"
+    # None: the running interpreter's standard library.
+    root: str | None = None
+    # Stop reading files after this many bytes (None: read them all).
+    max_bytes: int | None = None
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    """Uniform random tokens: for benchmarks, the loss cannot fall."""
+
+    source: str = "synthetic"
+    num_tokens: int = 1_000_000
+
+
+@dataclass
+class CheckpointConfig:
+    name: str = "none"
+
+
+@dataclass
+class BackendConfig:
+    # auto | cpu | cuda
+    name: str = "auto"
+    # Seconds a collective may wait before the process group gives up.
+    timeout_s: float = 600.0
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    nodes: int = 1
+    # Worker processes per node; None: one per device (CPU: 1).
+    procs_per_node: int | None = None
+
+
+@dataclass
+class LoggingConfig:
+    # Write a metrics record every N optimizer steps (and at the first and last).
+    every: int = 10
+    progress_bar: bool = True
+    # Python logging level of rank 0; other ranks log warnings and errors only.
+    level: str = "INFO"
+
+
+@dataclass
+class TrntrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    train: TrainConfig = MISSING
+    optim: OptimConfig = MISSING
+    data: Any = MISSING
+    checkpoint: CheckpointConfig = MISSING
+    backend: BackendConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    logging: LoggingConfig = MISSING
+
+
+def register_configs() -> None:
+    """Register the schemas that `conf/config.yaml` and `conf/data/*.yaml` extend."""
+    cs = ConfigStore.instance()
+    cs.store(name="trntrain_schema", node=TrntrainConfig)
+    # The data group's options differ in their keys, so each has its own schema.
+    cs.store(group="data", name="corpus_schema", node=CorpusDataConfig)
+    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)

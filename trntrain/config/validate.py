@@ -1,0 +1,173 @@
+"""Checks of a composed config that span several keys, run before any process group.
+
+Hydra and the structured configs already reject unknown keys, unknown group
+options and wrong types; this module checks values and their combinations. Each
+failure is one `ConfigError` naming the key, the value it got and what is valid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from trntrain.errors import UserError
+
+PRECISIONS = ("fp32", "bf16_autocast")
+LR_DECAYS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw",)
+BACKENDS = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(UserError):
+    """A config value that cannot work; the message is meant for the user as is."""
+
+    def __init__(self, key: str, got: Any, valid: str, why: str = "") -> None:
+        self.key = key
+        reason = f" {why}" if why else ""
+        super().__init__(f"{key}={got!r} is invalid:{reason} valid: {valid}.")
+
+
+def require(ok: bool, key: str, got: Any, valid: str, why: str = "") -> None:
+    if not ok:
+        raise ConfigError(key, got, valid, why)
+
+
+def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
+    """The dp degree the config asks for, derived from the world size when unset."""
+    p = cfg.parallel
+    if p.dp is not None:
+        return p.dp
+    return max(world_size // (p.tp * p.pp), 1)
+
+
+def validate(cfg: DictConfig, world_size: int) -> None:
+    """Raise ConfigError for the first value that cannot work with `world_size` processes."""
+    _validate_model(cfg.model)
+    _validate_parallel(cfg, world_size)
+    _validate_train(cfg, world_size)
+    _validate_optim(cfg)
+    _validate_data(cfg)
+    _validate_rest(cfg)
+
+
+def _positive(node: DictConfig, prefix: str, *keys: str) -> None:
+    for key in keys:
+        value = node[key]
+        require(value > 0, f"{prefix}.{key}", value, "a positive integer")
+
+
+def _validate_model(m: DictConfig) -> None:
+    from trntrain.models import MODEL_FAMILIES
+
+    require(m.family in MODEL_FAMILIES, "model.family", m.family,
+            f"one of {sorted(MODEL_FAMILIES)}")
+    _positive(m, "model", "dim", "n_layers", "n_heads", "vocab_size", "ffn_hidden_dim",
+              "max_seq_len")
+    n_kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    require(n_kv > 0, "model.n_kv_heads", m.n_kv_heads, "a positive divisor of model.n_heads")
+    require(
+        m.n_heads % n_kv == 0, "model.n_kv_heads", m.n_kv_heads,
+        f"a divisor of model.n_heads={m.n_heads}",
+        "grouped-query attention shares each kv head among n_heads / n_kv_heads query heads;",
+    )
+    require(
+        m.dim % m.n_heads == 0, "model.dim", m.dim, f"a multiple of model.n_heads={m.n_heads}",
+    )
+    require(
+        (m.dim // m.n_heads) % 2 == 0, "model.dim", m.dim,
+        f"a value with an even head dimension dim / n_heads (now {m.dim // m.n_heads})",
+        "rotary embeddings rotate pairs of channels;",
+    )
+    require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a positive float")
+    require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "a positive float")
+    require(m.init_std > 0, "model.init_std", m.init_std, "a positive float")
+    if m.rope_scaling is not None:
+        s = m.rope_scaling
+        require(s.factor >= 1, "model.rope_scaling.factor", s.factor, "a float >= 1")
+        require(
+            s.high_freq_factor > s.low_freq_factor, "model.rope_scaling.high_freq_factor",
+            s.high_freq_factor, f"a float above low_freq_factor={s.low_freq_factor}",
+        )
+
+
+def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
+    p = cfg.parallel
+    _positive(p, "parallel", "tp", "pp")
+    require(p.dp is None or p.dp > 0, "parallel.dp", p.dp, "null (derived) or a positive integer")
+    # Tensor and pipeline parallel layers are not part of this release yet.
+    require(p.tp == 1, "parallel.tp", p.tp, "1", "tensor parallelism is not available yet;")
+    require(p.pp == 1, "parallel.pp", p.pp, "1", "pipeline parallelism is not available yet;")
+    dp = data_parallel_size(cfg, world_size)
+    require(
+        p.tp * p.pp * dp == world_size, "parallel.dp" if p.dp is not None else "parallel.tp",
+        p.dp if p.dp is not None else p.tp,
+        f"sizes with tp * pp * dp = world size {world_size}",
+        f"tp={p.tp} * pp={p.pp} * dp={dp} = {p.tp * p.pp * dp} processes are needed but "
+        f"{world_size} were started;",
+    )
+    require(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "a positive number of MiB")
+
+
+def _validate_train(cfg: DictConfig, world_size: int) -> None:
+    t = cfg.train
+    _positive(t, "train", "seq_len", "micro_batch_size", "global_batch_size", "max_steps",
+              "eval_batches")
+    require(
+        t.seq_len <= cfg.model.max_seq_len, "train.seq_len", t.seq_len,
+        f"at most model.max_seq_len={cfg.model.max_seq_len}",
+    )
+    dp = data_parallel_size(cfg, world_size)
+    per_step = t.micro_batch_size * dp
+    require(
+        t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+        f"a multiple of train.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
+        f"({dp}) = {per_step}, e.g. {per_step * max(t.global_batch_size // per_step, 1)}",
+    )
+    require(t.precision in PRECISIONS, "train.precision", t.precision, f"one of {PRECISIONS}")
+    require(t.eval_every >= 0, "train.eval_every", t.eval_every, "0 (no evaluation) or more")
+
+
+def _validate_optim(cfg: DictConfig) -> None:
+    o = cfg.optim
+    require(o.name in OPTIMIZERS, "optim.name", o.name, f"one of {OPTIMIZERS}")
+    require(o.lr > 0, "optim.lr", o.lr, "a positive float")
+    require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "a float in [0, 1]")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
+    require(o.decay in LR_DECAYS, "optim.decay", o.decay, f"one of {LR_DECAYS}")
+    require(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
+        "two floats in [0, 1), e.g. [0.9, 0.95]",
+    )
+    require(o.eps > 0, "optim.eps", o.eps, "a positive float")
+    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a float >= 0")
+    require(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm,
+            "a float >= 0 (0 disables clipping)")
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    from trntrain.data import DATA_SOURCES
+
+    d = cfg.data
+    require(d.source in DATA_SOURCES, "data.source", d.source, f"one of {sorted(DATA_SOURCES)}")
+    require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a float in (0, 1)")
+    vocab = DATA_SOURCES[d.source].tokenizer_vocab_size(cfg)
+    require(
+        cfg.model.vocab_size >= vocab, "model.vocab_size", cfg.model.vocab_size,
+        f"at least {vocab}, the vocabulary of data.source={d.source}",
+    )
+
+
+def _validate_rest(cfg: DictConfig) -> None:
+    from trntrain.checkpoint import CHECKPOINTERS
+
+    require(cfg.backend.name in BACKENDS, "backend.name", cfg.backend.name, f"one of {BACKENDS}")
+    require(cfg.backend.timeout_s > 0, "backend.timeout_s", cfg.backend.timeout_s,
+            "a positive number of seconds")
+    require(cfg.checkpoint.name in CHECKPOINTERS, "checkpoint.name", cfg.checkpoint.name,
+            f"one of {sorted(CHECKPOINTERS)}")
+    require(cfg.cluster.nodes > 0, "cluster.nodes", cfg.cluster.nodes, "a positive integer")
+    require(cfg.logging.every > 0, "logging.every", cfg.logging.every, "a positive integer")
+    require(cfg.logging.level in LOG_LEVELS, "logging.level", cfg.logging.level,
+            f"one of {LOG_LEVELS}")

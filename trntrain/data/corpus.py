@@ -1,0 +1,68 @@
+"""The default corpus: the Python standard library's source files, on every machine."""
+
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from trntrain.errors import UserError
+
+from trntrain.data.base import DataSource
+from trntrain.data.tokenizer import ByteTokenizer
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus_files(root: Path) -> list[Path]:
+    """Every .py file under root in a fixed order, third-party packages excluded."""
+    files = [
+        p for p in root.rglob("*.py")
+        if not ({"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def is_validation(relative_path: str, val_fraction: float) -> bool:
+    """Held out by a hash of the path: stable whichever other files exist."""
+    return zlib.crc32(relative_path.encode()) % 10_000 < val_fraction * 10_000
+
+
+class CorpusSource(DataSource):
+    """Byte-level tokens, one document per file, an end-of-text token after each."""
+
+    tokenizer = ByteTokenizer()
+
+    @classmethod
+    def tokenizer_vocab_size(cls, cfg: DictConfig) -> int:
+        return cls.tokenizer.vocab_size
+
+    def load_streams(self, model_cfg: DictConfig) -> dict[str, torch.Tensor]:
+        root = Path(self.cfg.root) if self.cfg.root else stdlib_root()
+        if not root.is_dir():
+            raise UserError(f"data.root={str(root)!r} is not a directory; valid: a directory "
+                             f"of .py files, or null for the Python standard library.")
+        files = corpus_files(root)
+        if not files:
+            raise UserError(f"data.root={str(root)!r} holds no .py files; valid: a directory "
+                             f"of .py files, or null for the Python standard library.")
+        eot = torch.tensor([self.tokenizer.eot_id], dtype=torch.int16)
+        pieces: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+        budget = self.cfg.max_bytes
+        for path in files:
+            data = path.read_bytes()
+            if budget is not None:
+                if budget <= 0:
+                    break
+                data = data[:budget]
+                budget -= len(data)
+            split = "val" if is_validation(path.relative_to(root).as_posix(),
+                                           self.cfg.val_fraction) else "train"
+            pieces[split] += [self.tokenizer.encode(data), eot]
+        return {split: torch.cat(p) if p else torch.empty(0, dtype=torch.int16)
+                for split, p in pieces.items()}

@@ -1,0 +1,52 @@
+"""The process world as torchrun describes it, and the default process group."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun (or SLURM's srun via torchrun) sets them."""
+    return World(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init_process_group(world: World, dist_backend: str, timeout_s: float) -> None:
+    if world.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend=dist_backend, rank=world.rank, world_size=world.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` of rank `src` on every rank (identity without a process group)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

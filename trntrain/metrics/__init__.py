@@ -1,0 +1,49 @@
+"""Metric records and where they go: metrics.jsonl and the console (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("trntrain")
+
+# Order and format of the console line; other keys go to metrics.jsonl only.
+CONSOLE_FIELDS = [
+    ("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
+    ("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.3f}"),
+]
+
+
+def format_console(record: dict[str, Any], max_steps: int) -> str:
+    parts = [f"step {record['step']}/{max_steps}"]
+    for key, fmt in CONSOLE_FIELDS:
+        if key in record:
+            parts.append(f"{key} {fmt.format(record[key])}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Writes each record as one JSON line and one console line, on the main rank."""
+
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int) -> None:
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self.path.open("a", encoding="utf-8") if enabled else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        logger.info(format_console(record, self.max_steps))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

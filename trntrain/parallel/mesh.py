@@ -1,0 +1,81 @@
+"""The process-group mesh: tp innermost, then dp, then pp outermost (the NxD order).
+
+rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank, so a tp group is a run of
+contiguous ranks (one node's NeuronLink), and pp spans nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """(pp_rank, dp_rank, tp_rank) of a global rank."""
+        return rank // (self.dp * self.tp), (rank // self.tp) % self.dp, rank % self.tp
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def group_ranks(self, axis: str) -> list[list[int]]:
+        """Every group along `axis` ('tp', 'dp' or 'pp'), each a list of global ranks."""
+        sizes = {"pp": self.pp, "dp": self.dp, "tp": self.tp}
+        others = [a for a in ("pp", "dp", "tp") if a != axis]
+        groups = []
+        for i in range(sizes[others[0]]):
+            for j in range(sizes[others[1]]):
+                coords = {others[0]: i, others[1]: j}
+                groups.append([
+                    self.rank_of(**{f"{a}_rank": coords.get(a, k) for a in ("pp", "dp", "tp")})
+                    for k in range(sizes[axis])
+                ])
+        return groups
+
+
+@dataclass
+class Mesh:
+    """This rank's coordinates and process groups; a group is None when its size is 1."""
+
+    dims: ParallelDims
+    rank: int
+    tp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    pp_group: dist.ProcessGroup | None
+
+    @property
+    def pp_rank(self) -> int:
+        return self.dims.coordinates(self.rank)[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.coordinates(self.rank)[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.dims.coordinates(self.rank)[2]
+
+
+def build_mesh(dims: ParallelDims, rank: int) -> Mesh:
+    """Create the tp, dp and pp groups. Every rank must call this (new_group is collective)."""
+    groups: dict[str, dist.ProcessGroup | None] = {}
+    for axis in ("tp", "dp", "pp"):
+        mine = None
+        for ranks in dims.group_ranks(axis):
+            if len(ranks) == 1:
+                continue
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine = group
+        groups[axis] = mine
+    return Mesh(dims, rank, groups["tp"], groups["dp"], groups["pp"])

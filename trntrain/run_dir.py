@@ -1,0 +1,103 @@
+"""The run directory: chosen once for all ranks, written by rank 0 only.
+
+It holds `config.yaml` (the composed, resolved config), `.hydra/` (what Hydra
+itself would write: the unresolved config, the overrides and Hydra's own config),
+`train.log` and `metrics.jsonl`, so a run directory can be copied and re-run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from trntrain.distributed import World, broadcast_object
+from trntrain.errors import UserError
+
+logger = logging.getLogger("trntrain")
+
+
+def default_run_dir() -> Path:
+    """runs/<timestamp>, or the job's directory inside a Hydra sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = Path("runs") / stamp
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = Path("runs") / f"{stamp}-{n}"
+    return candidate
+
+
+def agree_run_dir(cfg: DictConfig, world: World) -> Path:
+    """run.dir if set, else rank 0's default, broadcast so that every rank uses one path."""
+    chosen = Path(cfg.run.dir) if cfg.run.dir else (default_run_dir() if world.is_main else None)
+    return Path(broadcast_object(str(chosen) if chosen is not None else None))
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into the records of an old one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run.dir={str(run_dir)!r} is a file; valid: a new or empty directory.")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and not overwrite:
+        raise UserError(
+            f"run.dir={str(run_dir)!r} already holds a run ({metrics} exists); valid: a new "
+            f"directory, or run.overwrite=true to replace that run's logs."
+        )
+
+
+def write_run_dir(run_dir: Path, cfg: DictConfig, overwrite: bool) -> None:
+    """Create the run directory with its config files (call on rank 0 only)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in ("metrics.jsonl", "train.log"):
+            (run_dir / name).unlink(missing_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["run"]["dir"] = str(run_dir)
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, hydra_dir / "config.yaml")
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), hydra_dir / "hydra.yaml")
+        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)),
+                       hydra_dir / "overrides.yaml")
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console lines that do not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(run_dir: Path | None, world: World, level: str) -> None:
+    """Rank 0 logs at `level` to the console and train.log; the others log warnings."""
+    root = logging.getLogger("trntrain")
+    root.handlers.clear()
+    root.propagate = False
+    prefix = "" if world.world_size == 1 else f"[rank {world.rank}] "
+    fmt = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S")
+    console = _TqdmHandler()
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    root.setLevel(level if world.is_main else "WARNING")
+    if world.is_main and run_dir is not None:
+        file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)

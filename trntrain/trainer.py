@@ -1,0 +1,174 @@
+"""Builds everything from the config and runs the training loop.
+
+The step (`train_step`) reads no value back to the host: losses and norms stay
+device tensors until a logging step, where a lazy backend would otherwise pay a
+device round trip every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from trntrain.backend import Backend, build_backend
+from trntrain.config import data_parallel_size
+from trntrain.data import Batch, StepBatches, build_data_source
+from trntrain.distributed import World
+from trntrain.metrics import MetricsLogger
+from trntrain.models import build_model, count_parameters
+from trntrain.optim import build_lr_scheduler, build_optimizer, lr_factor
+from trntrain.parallel import GradientAverager, Mesh, ParallelDims, build_mesh
+
+logger = logging.getLogger("trntrain")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, world: World, run_dir: Path | None = None,
+                 backend: Backend | None = None) -> None:
+        self.cfg = cfg
+        self.world = world
+        self.run_dir = run_dir
+        self.backend = backend or build_backend(cfg.backend.name, world.local_rank)
+        dims = ParallelDims(cfg.parallel.tp, cfg.parallel.pp,
+                            data_parallel_size(cfg, world.world_size))
+        self.mesh: Mesh = build_mesh(dims, world.rank)
+
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        model.to_empty(device=self.backend.device)
+        model.init_weights(cfg.train.seed)
+        self.model = self.backend.prepare_model(model)
+        self.num_params = count_parameters(self.model)
+
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.grad_averager = GradientAverager(self.model, self.mesh.dp_group,
+                                              cfg.parallel.bucket_mb)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+        t = cfg.train
+        self.data = build_data_source(cfg)
+        self.train_batches = StepBatches(self.data, "train", t.global_batch_size,
+                                         t.micro_batch_size, self.mesh.dp_rank, dims.dp, t.seed)
+        self.val_batches = StepBatches(self.data, "val", t.global_batch_size, t.micro_batch_size,
+                                       self.mesh.dp_rank, dims.dp, t.seed, shuffle=False)
+        self.tokens_per_step = t.global_batch_size * t.seq_len
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this rank's micro-batches: (mean loss, gradient norm)."""
+        accumulation = len(micro_batches)
+        loss_sum = torch.zeros((), device=self.backend.device)
+        for inputs, labels in micro_batches:
+            with self.backend.autocast(self.cfg.train.precision):
+                loss = causal_lm_loss(self.model(inputs), labels)
+            (loss / accumulation).backward()
+            loss_sum += loss.detach()
+        self.grad_averager.all_reduce()
+        grad_norm = self.clip_gradients()
+        self.backend.optimizer_step(self.optimizer)
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backend.step_boundary()
+        return loss_sum / accumulation, grad_norm
+
+    def clip_gradients(self) -> torch.Tensor:
+        max_norm = self.cfg.optim.max_grad_norm
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first train.eval_batches global batches of the validation split."""
+        self.model.eval()
+        total = torch.zeros((), device=self.backend.device)
+        count = 0
+        batches = self.val_batches.steps(0, self.cfg.train.eval_batches)
+        for micro_batches in self.backend.batches(batches):
+            for inputs, labels in micro_batches:
+                with self.backend.autocast(self.cfg.train.precision):
+                    total += causal_lm_loss(self.model(inputs), labels)
+                count += 1
+        self.backend.step_boundary()
+        self.model.train()
+        return self.mean_over_dp(total / count)
+
+    def mean_over_dp(self, value: torch.Tensor) -> float:
+        if self.mesh.dp_group is not None:
+            value = value.clone()
+            dist.all_reduce(value, group=self.mesh.dp_group)
+            value /= self.mesh.dims.dp
+        return value.item()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def should_log(self, step: int) -> bool:
+        t = self.cfg.train
+        return (step == 1 or step % self.cfg.logging.every == 0 or step == t.max_steps
+                or self.should_eval(step))
+
+    def should_eval(self, step: int) -> bool:
+        t = self.cfg.train
+        return t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps)
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train for train.max_steps; returns the logged records."""
+        t = self.cfg.train
+        is_main = self.world.is_main
+        metrics = MetricsLogger(self.run_dir, is_main and self.run_dir is not None, t.max_steps)
+        logger.info(
+            "model %s: %.2f M parameters | %s backend | dp=%d | %d micro-batches of %d x %d "
+            "tokens per step | corpus %.1f M train tokens",
+            self.cfg.model.name, self.num_params / 1e6, self.backend.name, self.mesh.dims.dp,
+            self.train_batches.accumulation_steps, t.micro_batch_size, t.seq_len,
+            self.data.num_tokens("train") / 1e6,
+        )
+        bar = tqdm(total=t.max_steps, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (is_main and self.cfg.logging.progress_bar), mininterval=1.0)
+        records = []
+        steps = self.backend.batches(self.train_batches.steps(0, t.max_steps))
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            for step, micro_batches in enumerate(steps, start=1):
+                loss, grad_norm = self.train_step(micro_batches)
+                window_steps += 1
+                bar.update(1)
+                if not self.should_log(step):
+                    continue
+                self.backend.synchronize()
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step,
+                    "loss": self.mean_over_dp(loss),
+                    "lr": self.cfg.optim.lr * lr_factor(step - 1, self.cfg.optim, t.max_steps),
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+                    "step_time_s": elapsed / window_steps,
+                    "tokens": step * self.tokens_per_step,
+                    **self.backend.memory_stats(),
+                }
+                if self.should_eval(step):
+                    record["eval_loss"] = self.evaluate()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+                metrics.log(record)
+                records.append(record)
+                window_start, window_steps = time.perf_counter(), 0
+        finally:
+            bar.close()
+            metrics.close()
+        return records
