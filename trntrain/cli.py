@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from trntrain.distributed import world_from_env
 from trntrain.errors import UserError
 
 USAGE = """usage: trntrain COMMAND [overrides ...]
@@ -25,15 +26,16 @@ commands:
 Run `trntrain train --help` for the config groups and keys."""
 
 
-def fail(message: str) -> None:
-    print(f"trntrain: error: {message}", file=sys.stderr, flush=True)
+def fail(message: str | None) -> None:
+    if message is not None:
+        print(f"trntrain: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
 def train_task(cfg: DictConfig) -> None:
     from trntrain.backend import build_backend
     from trntrain.config import validate
-    from trntrain.distributed import destroy_process_group, init_process_group, world_from_env
+    from trntrain.distributed import destroy_process_group, init_process_group
     from trntrain.run_dir import agree_run_dir, check_run_dir, setup_logging, write_run_dir
     from trntrain.trainer import Trainer
 
@@ -44,7 +46,8 @@ def train_task(cfg: DictConfig) -> None:
             check_run_dir(Path(cfg.run.dir), cfg.run.overwrite)
         backend = build_backend(cfg.backend.name, world.local_rank)
     except UserError as err:
-        fail(str(err))
+        # Every rank composed the same config: let one of them say what is wrong.
+        fail(str(err) if world.is_main else None)
     init_process_group(world, backend.dist_backend, cfg.backend.timeout_s)
     try:
         run_dir = agree_run_dir(cfg, world)
@@ -74,12 +77,28 @@ def models_command(argv: list[str]) -> None:
               f"{cfg.n_kv_heads or cfg.n_heads:>2}  {cfg.vocab_size}")
 
 
+def check_overrides(overrides: list[str]) -> None:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trntrain.config import compose
+    from trntrain.config.compose_errors import explain
+
+    try:
+        compose(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        fail(explain(err) if world_from_env().is_main else None)
+
+
 def run_hydra(task: Callable[[DictConfig], None], argv: list[str]) -> None:
     import hydra
 
     from trntrain.config import config_dir, register_configs
 
     register_configs()
+    if not any(arg.startswith("-") for arg in argv):
+        # A single run: compose once here to restate Hydra's errors in trntrain's form.
+        check_overrides(argv)
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)()
 

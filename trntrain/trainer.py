@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from trntrain.backend import Backend, build_backend
-from trntrain.config import data_parallel_size
+from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World
 from trntrain.metrics import MetricsLogger
@@ -60,11 +60,13 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
         t = cfg.train
+        self.micro_batch_size = micro_batch_size(cfg, world.world_size)
         self.data = build_data_source(cfg)
         self.train_batches = StepBatches(self.data, "train", t.global_batch_size,
-                                         t.micro_batch_size, self.mesh.dp_rank, dims.dp, t.seed)
-        self.val_batches = StepBatches(self.data, "val", t.global_batch_size, t.micro_batch_size,
-                                       self.mesh.dp_rank, dims.dp, t.seed, shuffle=False)
+                                         self.micro_batch_size, self.mesh.dp_rank, dims.dp, t.seed)
+        self.val_batches = StepBatches(self.data, "val", t.global_batch_size,
+                                       self.micro_batch_size, self.mesh.dp_rank, dims.dp, t.seed,
+                                       shuffle=False)
         self.tokens_per_step = t.global_batch_size * t.seq_len
 
     # -- the step ---------------------------------------------------------------------------
@@ -135,7 +137,7 @@ class Trainer:
             "model %s: %.2f M parameters | %s backend | dp=%d | %d micro-batches of %d x %d "
             "tokens per step | corpus %.1f M train tokens",
             self.cfg.model.name, self.num_params / 1e6, self.backend.name, self.mesh.dims.dp,
-            self.train_batches.accumulation_steps, t.micro_batch_size, t.seq_len,
+            self.train_batches.accumulation_steps, self.micro_batch_size, t.seq_len,
             self.data.num_tokens("train") / 1e6,
         )
         bar = tqdm(total=t.max_steps, desc="train", unit="step", dynamic_ncols=True,

@@ -7,7 +7,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from trntrain.config.schema import register_configs
-from trntrain.config.validate import ConfigError, data_parallel_size, validate
+from trntrain.config.validate import (
+    ConfigError,
+    data_parallel_size,
+    micro_batch_size,
+    validate,
+)
 
 
 def config_dir() -> Path:
@@ -33,6 +38,7 @@ __all__ = [
     "compose",
     "config_dir",
     "data_parallel_size",
+    "micro_batch_size",
     "register_configs",
     "validate",
 ]

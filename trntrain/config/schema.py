@@ -66,8 +66,9 @@ class TrainConfig:
     seq_len: int = 128
     # Sequences per optimizer step, summed over data-parallel ranks.
     global_batch_size: int = 16
-    # Sequences per forward/backward on one data-parallel rank.
-    micro_batch_size: int = 16
+    # Sequences per forward/backward on one data-parallel rank; None: global / dp
+    # (no gradient accumulation).
+    micro_batch_size: int | None = None
     max_steps: int = 600
     seed: int = 1234
     # fp32 | bf16_autocast
@@ -167,5 +168,5 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="trntrain_schema", node=TrntrainConfig)
     # The data group's options differ in their keys, so each has its own schema.
-    cs.store(group="data", name="corpus_schema", node=CorpusDataConfig)
-    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    cs.store(group="schema/data", name="corpus", node=CorpusDataConfig)
+    cs.store(group="schema/data", name="synthetic", node=SyntheticDataConfig)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from trntrain.errors import UserError
 
@@ -42,14 +43,44 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
     return max(world_size // (p.tp * p.pp), 1)
 
 
+def micro_batch_size(cfg: DictConfig, world_size: int) -> int:
+    """train.micro_batch_size, or the whole per-rank share of the global batch when unset."""
+    if cfg.train.micro_batch_size is not None:
+        return cfg.train.micro_batch_size
+    return max(cfg.train.global_batch_size // data_parallel_size(cfg, world_size), 1)
+
+
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Raise ConfigError for the first value that cannot work with `world_size` processes."""
-    _validate_model(cfg.model)
-    _validate_parallel(cfg, world_size)
-    _validate_train(cfg, world_size)
-    _validate_optim(cfg)
-    _validate_data(cfg)
-    _validate_rest(cfg)
+    try:
+        _validate_sections(cfg)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        _validate_model(cfg.model)
+        _validate_parallel(cfg, world_size)
+        _validate_train(cfg, world_size)
+        _validate_optim(cfg)
+        _validate_data(cfg)
+        _validate_rest(cfg)
+    except MissingMandatoryValue as err:
+        raise ConfigError(err.full_key, "???", "a value: the key is mandatory") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(err.full_key or "config", getattr(err, "value", None),
+                          "a value that resolves", f"{err.msg.splitlines()[0]};") from None
+
+
+def _validate_sections(cfg: DictConfig) -> None:
+    import dataclasses
+
+    from trntrain.config.schema import TrntrainConfig
+
+    sections = [f.name for f in dataclasses.fields(TrntrainConfig)]
+    for key in cfg:
+        require(key in sections, str(key), cfg.get(key, "???"),
+                f"top-level keys {', '.join(sections)}", "not a section of the config;")
+    for key in sections:
+        require(key in cfg and not OmegaConf.is_missing(cfg, key) and cfg[key] is not None, key,
+                "???", f"an option of the config group {key} (conf/{key}/)",
+                "the section is missing;")
 
 
 def _positive(node: DictConfig, prefix: str, *keys: str) -> None:
@@ -112,17 +143,19 @@ def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
 
 def _validate_train(cfg: DictConfig, world_size: int) -> None:
     t = cfg.train
-    _positive(t, "train", "seq_len", "micro_batch_size", "global_batch_size", "max_steps",
-              "eval_batches")
+    _positive(t, "train", "seq_len", "global_batch_size", "max_steps", "eval_batches")
+    require(t.micro_batch_size is None or t.micro_batch_size > 0, "train.micro_batch_size",
+            t.micro_batch_size, "null (global batch / dp) or a positive integer")
     require(
         t.seq_len <= cfg.model.max_seq_len, "train.seq_len", t.seq_len,
         f"at most model.max_seq_len={cfg.model.max_seq_len}",
     )
     dp = data_parallel_size(cfg, world_size)
-    per_step = t.micro_batch_size * dp
+    mbs = micro_batch_size(cfg, world_size)
+    per_step = mbs * dp
     require(
         t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
-        f"a multiple of train.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
+        f"a multiple of train.micro_batch_size ({mbs}) x data-parallel size "
         f"({dp}) = {per_step}, e.g. {per_step * max(t.global_batch_size // per_step, 1)}",
     )
     require(t.precision in PRECISIONS, "train.precision", t.precision, f"one of {PRECISIONS}")
