@@ -132,7 +132,8 @@ class Trainer:
         """Train for train.max_steps; returns the logged records."""
         t = self.cfg.train
         is_main = self.world.is_main
-        metrics = MetricsLogger(self.run_dir, is_main and self.run_dir is not None, t.max_steps)
+        jsonl = self.run_dir / "metrics.jsonl" if is_main and self.run_dir is not None else None
+        metrics = MetricsLogger(jsonl, console=is_main, max_steps=t.max_steps)
         logger.info(
             "model %s: %.2f M parameters | %s backend | dp=%d | %d micro-batches of %d x %d "
             "tokens per step | corpus %.1f M train tokens",

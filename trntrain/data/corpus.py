@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from trntrain.errors import UserError
-
 from trntrain.data.base import DataSource
 from trntrain.data.tokenizer import ByteTokenizer
+from trntrain.errors import UserError
 
 
 def stdlib_root() -> Path:
@@ -53,16 +52,19 @@ class CorpusSource(DataSource):
                              f"of .py files, or null for the Python standard library.")
         eot = torch.tensor([self.tokenizer.eot_id], dtype=torch.int16)
         pieces: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
-        budget = self.cfg.max_bytes
+        # max_bytes is shared between the splits in proportion to val_fraction.
+        limit = self.cfg.max_bytes
+        budget = {"train": float("inf"), "val": float("inf")} if limit is None else {
+            "train": limit * (1 - self.cfg.val_fraction), "val": limit * self.cfg.val_fraction}
         for path in files:
-            data = path.read_bytes()
-            if budget is not None:
-                if budget <= 0:
-                    break
-                data = data[:budget]
-                budget -= len(data)
             split = "val" if is_validation(path.relative_to(root).as_posix(),
                                            self.cfg.val_fraction) else "train"
+            if budget[split] <= 0:
+                continue
+            data = path.read_bytes()
+            if limit is not None:
+                data = data[:int(budget[split])]
+                budget[split] -= len(data)
             pieces[split] += [self.tokenizer.encode(data), eot]
         return {split: torch.cat(p) if p else torch.empty(0, dtype=torch.int16)
                 for split, p in pieces.items()}

@@ -26,22 +26,21 @@ def format_console(record: dict[str, Any], max_steps: int) -> str:
 
 
 class MetricsLogger:
-    """Writes each record as one JSON line and one console line, on the main rank."""
+    """Writes each record as one JSON line (when given a path) and one console line."""
 
-    def __init__(self, run_dir: Path, enabled: bool, max_steps: int) -> None:
-        self.enabled = enabled
+    def __init__(self, jsonl_path: Path | None, console: bool, max_steps: int) -> None:
+        self.console = console
         self.max_steps = max_steps
-        self.path = run_dir / "metrics.jsonl"
-        self._file = self.path.open("a", encoding="utf-8") if enabled else None
+        self._file = jsonl_path.open("a", encoding="utf-8") if jsonl_path is not None else None
 
     def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
-        logger.info(format_console(record, self.max_steps))
+        if self._file is not None:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                     for k, v in record.items()}
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        if self.console:
+            logger.info(format_console(record, self.max_steps))
 
     def close(self) -> None:
         if self._file is not None:

@@ -183,6 +183,9 @@ class Llama(nn.Module):
         sharded or pipelined layout can rebuild exactly the weights of the full model.
         Residual output projections are scaled down by depth (GPT-2 / torchtitan).
         """
+        if self.args.tie_embeddings:
+            # to_empty() after a meta-device build allocates the two names separately.
+            self.output.weight = self.tok_embeddings.weight
         depth_std = self.args.init_std / math.sqrt(2 * self.args.n_layers)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
