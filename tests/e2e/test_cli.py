@@ -1,0 +1,117 @@
+"""The real command line: `trntrain train`, `python -m trntrain`, torchrun and sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+TRNTRAIN = str(BIN / "trntrain")
+TORCHRUN = str(BIN / "torchrun")
+SHORT = ["train.max_steps=6", "train.seq_len=32", "train.global_batch_size=8",
+         "train.eval_every=3", "logging.every=2", "data.max_bytes=300000"]
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run([TRNTRAIN, "train", *SHORT, f"run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = records(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 6]
+    for row in rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= row.keys()
+        assert row["tokens_per_s"] > 0
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["train"]["max_steps"] == 6 and config["run"]["dir"] == str(run_dir)
+    assert "train.max_steps=6" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert "step 6/6" in (run_dir / "train.log").read_text()
+    assert "train: 100%" in proc.stderr  # the progress bar
+    # Nothing written outside run.dir.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    again = run([TRNTRAIN, "train", *SHORT, f"run.dir={run_dir}"], tmp_path)
+    assert again.returncode == 2 and "run.overwrite=true" in again.stderr
+    assert len(records(run_dir)) == len(rows)
+
+
+def test_default_corpus_run_learns(tmp_path):
+    """The default model and corpus: the loss falls from ln(257) to below 2.5 in 150 steps."""
+    proc = run([TRNTRAIN, "train", "train.max_steps=150", "optim.warmup_steps=20",
+                "train.eval_every=150", "logging.progress_bar=false", "run.dir=run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = records(tmp_path / "run")
+    assert rows[0]["loss"] > 5.0
+    assert rows[-1]["loss"] < 2.5 and rows[-1]["eval_loss"] < 2.5
+
+
+def test_python_dash_m_and_default_run_dir(tmp_path):
+    proc = run([sys.executable, "-m", "trntrain", "train", *SHORT], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert len(records(run_dir)) == 5
+
+
+def test_torchrun_ranks_share_one_run_dir(tmp_path):
+    proc = run([TORCHRUN, "--nproc_per_node=2", "-m", "trntrain", "train", *SHORT], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = records(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 6]  # rank 0 alone writes
+    assert "dp=2" in (run_dir / "train.log").read_text()
+
+
+def test_multirun_sweep_writes_one_dir_per_job(tmp_path):
+    proc = run([TRNTRAIN, "train", "-m", *SHORT, "optim.lr=1e-3,3e-3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (sweep,) = (tmp_path / "runs").iterdir()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = [yaml.safe_load((p / "config.yaml").read_text())["optim"]["lr"] for p in jobs]
+    assert lrs == [1e-3, 3e-3]
+    assert records(jobs[0])[-1]["loss"] != records(jobs[1])[-1]["loss"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["model=llama_huge"], "model=llama_huge is invalid"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3 is invalid"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10"),
+    (["train.max_steps=0"], "train.max_steps=0 is invalid"),
+    (["optim.lr=fast"], "optim.lr='fast' is invalid"),
+    (["model.layers=2"], "model.layers is not a key of model"),
+])
+def test_bad_config_exits_with_one_message(tmp_path, args, message):
+    proc = run([TRNTRAIN, "train", *args], tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_config_under_torchrun_is_reported_once(tmp_path):
+    if shutil.which(TORCHRUN) is None:
+        pytest.skip("torchrun not installed")
+    proc = run([TORCHRUN, "--nproc_per_node=2", "-m", "trntrain", "train",
+                "train.global_batch_size=3"], tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("train.global_batch_size=3 is invalid") == 1
