@@ -78,7 +78,7 @@ def check_same_work(cfg, batches: Batches, steps: int) -> tuple[list[float], lis
 
 
 def time_steps(step: Callable[[], object], n: int) -> list[float]:
-    """Seconds of each of `n` calls of `step` (eager CPU: the call returns when the work is done)."""
+    """Seconds of each of `n` calls of `step` (eager CPU: a call returns when its work is done)."""
     times = []
     for _ in range(n):
         start = time.perf_counter()
@@ -89,9 +89,9 @@ def time_steps(step: Callable[[], object], n: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per loop per repeat")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop per repeat")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per loop first")
-    parser.add_argument("--repeats", type=int, default=3, help="alternations of the two loops")
+    parser.add_argument("--repeats", type=int, default=5, help="alternations of the two loops")
     parser.add_argument("--check-steps", type=int, default=5,
                         help="steps of the same-loss check (0: skip it)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -143,7 +143,8 @@ def main() -> None:
     for name, t in times.items():
         median = statistics.median(t)
         print(f"{name:<10}{median * 1e3:>11.2f}{min(t) * 1e3:>9.2f}{tokens / median:>11,.0f}")
-    print(f"ratio trntrain/bare: {statistics.median(ratios):.3f} (median of {len(ratios)})")
+    print(f"ratio trntrain/bare: {statistics.median(ratios):.3f} (median of {len(ratios)}; "
+          f"range {min(ratios):.3f}-{max(ratios):.3f})")
 
 
 if __name__ == "__main__":
