@@ -8,7 +8,18 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test lint bench clean
+# XLA tests run in a second environment with the torch of the Trn1 line: torch 2.9.0
+# (on PyPI the CUDA build, ~4 GB; it imports without a GPU) and torch-xla 2.9.0.
+# .venv-xla links to a copy outside the checkout, so fresh clones on one machine
+# download it once.
+XLA_PACKAGES := torch==2.9.0 torch-xla==2.9.0
+PYTAG := $(shell $(PYTHON) -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
+XLA_VENV_CACHE ?= $(HOME)/.cache/trntrain/venv-xla-$(PYTAG)-torch2.9.0
+XLA_BIN := .venv-xla/bin
+# PYTHONPATH: the shared environment may hold another checkout's editable install.
+XLA_ENV := PYTHONPATH=$(CURDIR) PJRT_DEVICE=CPU TRNTRAIN_REQUIRE_XLA=1
+
+.PHONY: setup setup-xla train test test-cpu test-xla lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +30,34 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+.venv-xla.stamp: pyproject.toml
+	@if ! "$(XLA_VENV_CACHE)/bin/python" -c "import torch_xla" >/dev/null 2>&1; then \
+		echo "building $(XLA_VENV_CACHE) (torch 2.9.0 + torch-xla 2.9.0, ~4 GB download)"; \
+		rm -rf "$(XLA_VENV_CACHE)" && \
+		$(PYTHON) -m venv "$(XLA_VENV_CACHE)" && \
+		"$(XLA_VENV_CACHE)/bin/python" -m pip install --quiet --no-cache-dir --upgrade pip && \
+		"$(XLA_VENV_CACHE)/bin/python" -m pip install --quiet --no-cache-dir $(XLA_PACKAGES); \
+	fi
+	ln -sfn "$(XLA_VENV_CACHE)" .venv-xla
+	$(XLA_BIN)/python -m pip install --quiet --no-cache-dir -e '.[test]'
+	touch $@
+
+setup-xla: .venv-xla.stamp
+
 train: setup
 	$(BIN)/trntrain train $(ARGS)
 
-test: setup
+# Everything: lint, the suite on the newest torch, the XLA tests and the core
+# single-process and gloo tests on torch 2.9 (what Trn1 users run).
+test: test-cpu test-xla
+
+test-cpu: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-xla: setup-xla
+	$(XLA_ENV) $(XLA_BIN)/python -m pytest -q -p no:cacheprovider tests/xla
+	$(XLA_ENV) $(XLA_BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/dist
 
 lint: setup
 	$(BIN)/ruff check .
@@ -33,4 +66,4 @@ bench: setup
 	$(BIN)/python tests/bench/bench_step.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-xla .venv-xla.stamp .pytest_cache .ruff_cache

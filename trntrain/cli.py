@@ -44,11 +44,11 @@ def train_task(cfg: DictConfig) -> None:
         validate(cfg, world.world_size)
         if cfg.run.dir:
             check_run_dir(Path(cfg.run.dir), cfg.run.overwrite)
-        backend = build_backend(cfg.backend.name, world.local_rank)
+        backend = build_backend(cfg.backend, world.local_rank, cfg.train.precision)
     except UserError as err:
         # Every rank composed the same config: let one of them say what is wrong.
         fail(str(err) if world.is_main else None)
-    init_process_group(world, backend.dist_backend, cfg.backend.timeout_s)
+    init_process_group(world, cfg.backend.timeout_s, **backend.process_group_kwargs())
     try:
         run_dir = agree_run_dir(cfg, world)
         if world.is_main:

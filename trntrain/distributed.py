@@ -30,12 +30,11 @@ def world_from_env() -> World:
     )
 
 
-def init_process_group(world: World, dist_backend: str, timeout_s: float) -> None:
+def init_process_group(world: World, timeout_s: float, **kwargs: Any) -> None:
+    """The default group over all ranks; kwargs name the backend (Backend.process_group_kwargs)."""
     if world.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend=dist_backend, rank=world.rank, world_size=world.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        dist.init_process_group(rank=world.rank, world_size=world.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
 def destroy_process_group() -> None:

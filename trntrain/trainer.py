@@ -41,7 +41,8 @@ class Trainer:
         self.cfg = cfg
         self.world = world
         self.run_dir = run_dir
-        self.backend = backend or build_backend(cfg.backend.name, world.local_rank)
+        self.backend = backend or build_backend(cfg.backend, world.local_rank,
+                                                cfg.train.precision)
         dims = ParallelDims(cfg.parallel.tp, cfg.parallel.pp,
                             data_parallel_size(cfg, world.world_size))
         self.mesh: Mesh = build_mesh(dims, world.rank)
@@ -68,6 +69,8 @@ class Trainer:
                                        self.micro_batch_size, self.mesh.dp_rank, dims.dp, t.seed,
                                        shuffle=False)
         self.tokens_per_step = t.global_batch_size * t.seq_len
+        # neuron_parallel_compile only needs each graph traced once.
+        self.max_steps = min(t.max_steps, self.backend.step_limit() or t.max_steps)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -80,18 +83,19 @@ class Trainer:
                 loss = causal_lm_loss(self.model(inputs), labels)
             (loss / accumulation).backward()
             loss_sum += loss.detach()
+        mean_loss = loss_sum / accumulation
         self.grad_averager.all_reduce()
         grad_norm = self.clip_gradients()
         self.backend.optimizer_step(self.optimizer)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.backend.step_boundary()
-        return loss_sum / accumulation, grad_norm
+        return mean_loss, grad_norm
 
     def clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+            return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
 
     @torch.no_grad()
@@ -106,7 +110,8 @@ class Trainer:
                 with self.backend.autocast(self.cfg.train.precision):
                     total += causal_lm_loss(self.model(inputs), labels)
                 count += 1
-        self.backend.step_boundary()
+            # One small graph per batch, the same each time, rather than one per evaluation.
+            self.backend.step_boundary()
         self.model.train()
         return self.mean_over_dp(total / count)
 
@@ -120,20 +125,19 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def should_log(self, step: int) -> bool:
-        t = self.cfg.train
-        return (step == 1 or step % self.cfg.logging.every == 0 or step == t.max_steps
+        return (step == 1 or step % self.cfg.logging.every == 0 or step == self.max_steps
                 or self.should_eval(step))
 
     def should_eval(self, step: int) -> bool:
-        t = self.cfg.train
-        return t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps)
+        every = self.cfg.train.eval_every
+        return every > 0 and (step % every == 0 or step == self.max_steps)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train for train.max_steps; returns the logged records."""
         t = self.cfg.train
         is_main = self.world.is_main
         jsonl = self.run_dir / "metrics.jsonl" if is_main and self.run_dir is not None else None
-        metrics = MetricsLogger(jsonl, console=is_main, max_steps=t.max_steps)
+        metrics = MetricsLogger(jsonl, console=is_main, max_steps=self.max_steps)
         logger.info(
             "model %s: %.2f M parameters | %s backend | dp=%d | %d micro-batches of %d x %d "
             "tokens per step | corpus %.1f M train tokens",
@@ -141,10 +145,10 @@ class Trainer:
             self.train_batches.accumulation_steps, self.micro_batch_size, t.seq_len,
             self.data.num_tokens("train") / 1e6,
         )
-        bar = tqdm(total=t.max_steps, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=self.max_steps, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (is_main and self.cfg.logging.progress_bar), mininterval=1.0)
         records = []
-        steps = self.backend.batches(self.train_batches.steps(0, t.max_steps))
+        steps = self.backend.batches(self.train_batches.steps(0, self.max_steps))
         window_start, window_steps = time.perf_counter(), 0
         try:
             for step, micro_batches in enumerate(steps, start=1):
@@ -163,10 +167,10 @@ class Trainer:
                     "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
                     "step_time_s": elapsed / window_steps,
                     "tokens": step * self.tokens_per_step,
-                    **self.backend.memory_stats(),
                 }
                 if self.should_eval(step):
                     record["eval_loss"] = self.evaluate()
+                record.update(self.backend.metrics())
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
                 metrics.log(record)
                 records.append(record)

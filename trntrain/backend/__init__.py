@@ -1,18 +1,22 @@
-"""Backends by name (`backend.name`): cpu, cuda, and auto to pick what this machine has."""
+"""Backends by name (`backend.name`): cpu, cuda, xla, neuron, and auto."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
+from omegaconf import DictConfig
 
 from trntrain.backend.base import Backend
 from trntrain.backend.cpu import CpuBackend
 from trntrain.backend.cuda import CudaBackend
 from trntrain.errors import UserError
 
-BACKENDS: dict[str, type[Backend]] = {"cpu": CpuBackend, "cuda": CudaBackend}
-
 
 def detect_backend() -> str:
+    """neuron where torch-neuronx is installed, then cuda, then cpu (xla is never guessed)."""
+    if importlib.util.find_spec("torch_neuronx") is not None:
+        return "neuron"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -21,11 +25,30 @@ def resolve_backend_name(name: str) -> str:
     if resolved == "cuda" and not torch.cuda.is_available():
         raise UserError("backend.name='cuda' is invalid: no CUDA device is visible to this "
                         "process; valid: cpu, or auto to pick what the machine has.")
+    if resolved == "xla" and importlib.util.find_spec("torch_xla") is None:
+        raise UserError("backend.name='xla' is invalid: torch_xla is not installed in this "
+                        "environment; valid: cpu, or run from .venv-xla (make setup-xla) or "
+                        "install the extra: pip install 'trntrain[xla]'.")
     return resolved
 
 
-def build_backend(name: str, local_rank: int = 0) -> Backend:
-    return BACKENDS[resolve_backend_name(name)](local_rank)
+def build_backend(cfg: DictConfig, local_rank: int = 0, precision: str = "fp32") -> Backend:
+    """The backend of the `backend` config group, for the process with this LOCAL_RANK."""
+    name = resolve_backend_name(cfg.name)
+    if name == "cpu":
+        return CpuBackend(local_rank, cfg)
+    if name == "cuda":
+        return CudaBackend(local_rank, cfg)
+    if name == "xla":
+        from trntrain.backend.xla import XlaBackend
+
+        return XlaBackend(local_rank, cfg)
+    from trntrain.backend.neuron import NeuronBackend
+
+    rounding = cfg.stochastic_rounding
+    if rounding is None:
+        rounding = precision.startswith("bf16")
+    return NeuronBackend(local_rank, cfg, stochastic_rounding=rounding)
 
 
-__all__ = ["BACKENDS", "Backend", "build_backend", "detect_backend", "resolve_backend_name"]
+__all__ = ["Backend", "build_backend", "detect_backend", "resolve_backend_name"]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 
@@ -22,8 +23,9 @@ class Backend:
     # The torch.distributed process-group backend.
     dist_backend: ClassVar[str]
 
-    def __init__(self, local_rank: int = 0) -> None:
+    def __init__(self, local_rank: int = 0, cfg: DictConfig | None = None) -> None:
         self.local_rank = local_rank
+        self.cfg = cfg
 
     @property
     def device(self) -> torch.device:
@@ -46,8 +48,16 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work, so that host timings mean something."""
 
-    def memory_stats(self) -> dict[str, float]:
-        """Peak memory of this process, in GiB."""
+    def step_limit(self) -> int | None:
+        """Stop after this many steps whatever train.max_steps says (graph extraction)."""
+        return None
+
+    def process_group_kwargs(self) -> dict:
+        """Arguments of torch.distributed.init_process_group for this device."""
+        return {"backend": self.dist_backend}
+
+    def metrics(self) -> dict[str, float]:
+        """Figures for metrics.jsonl at a logging step: peak memory in GiB, compile counts."""
         return {}
 
     def peak_flops(self) -> float | None:

@@ -18,5 +18,5 @@ class CpuBackend(Backend):
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def memory_stats(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         return {"mem_host_peak_gib": host_peak_rss_gib()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 
 from trntrain.backend.base import Backend, host_peak_rss_gib
 
@@ -20,8 +21,8 @@ class CudaBackend(Backend):
     name = "cuda"
     dist_backend = "nccl"
 
-    def __init__(self, local_rank: int = 0) -> None:
-        super().__init__(local_rank)
+    def __init__(self, local_rank: int = 0, cfg: DictConfig | None = None) -> None:
+        super().__init__(local_rank, cfg)
         torch.cuda.set_device(local_rank)
 
     @property
@@ -31,7 +32,7 @@ class CudaBackend(Backend):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
-    def memory_stats(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         return {
             "mem_device_peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
             "mem_host_peak_gib": host_peak_rss_gib(),

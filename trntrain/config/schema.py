@@ -126,10 +126,26 @@ class CheckpointConfig:
 
 @dataclass
 class BackendConfig:
-    # auto | cpu | cuda
+    # auto | cpu | cuda | xla | neuron
     name: str = "auto"
     # Seconds a collective may wait before the process group gives up.
     timeout_s: float = 600.0
+    # xla, neuron: the PJRT device (CPU, CUDA, NEURON); None: $PJRT_DEVICE, else the
+    # backend's own (CPU for xla, NEURON for neuron).
+    pjrt_device: str | None = None
+    # xla, neuron: persistent compiled-graph cache, ideally on storage all nodes share.
+    compile_cache_dir: str | None = None
+    # neuron: neuronx-cc optimisation level (1 is the usual choice for training).
+    neuron_opt_level: int = 1
+    # neuron: further neuronx-cc flags, appended to NEURON_CC_FLAGS.
+    neuron_cc_flags: str = ""
+    # neuron: stochastic rounding of bf16; None: on when train.precision is bf16*.
+    stochastic_rounding: bool | None = None
+    # neuron: trace this many steps to extract graphs for neuron_parallel_compile and
+    # skip real work (also on when neuron_parallel_compile sets
+    # NEURON_EXTRACT_GRAPHS_ONLY).
+    precompile: bool = False
+    precompile_steps: int = 3
 
 
 @dataclass

@@ -17,7 +17,8 @@ from trntrain.errors import UserError
 PRECISIONS = ("fp32", "bf16_autocast")
 LR_DECAYS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
-BACKENDS = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "cpu", "cuda", "xla", "neuron")
+PJRT_DEVICES = ("CPU", "CUDA", "NEURON", "TPU")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -196,8 +197,14 @@ def _validate_rest(cfg: DictConfig) -> None:
     from trntrain.checkpoint import CHECKPOINTERS
 
     require(cfg.backend.name in BACKENDS, "backend.name", cfg.backend.name, f"one of {BACKENDS}")
-    require(cfg.backend.timeout_s > 0, "backend.timeout_s", cfg.backend.timeout_s,
-            "a positive number of seconds")
+    b = cfg.backend
+    require(b.timeout_s > 0, "backend.timeout_s", b.timeout_s, "a positive number of seconds")
+    require(b.pjrt_device is None or b.pjrt_device in PJRT_DEVICES, "backend.pjrt_device",
+            b.pjrt_device, f"null or one of {PJRT_DEVICES}")
+    require(b.neuron_opt_level in (1, 2, 3), "backend.neuron_opt_level", b.neuron_opt_level,
+            "1, 2 or 3")
+    require(b.precompile_steps > 0, "backend.precompile_steps", b.precompile_steps,
+            "a positive integer")
     require(cfg.checkpoint.name in CHECKPOINTERS, "checkpoint.name", cfg.checkpoint.name,
             f"one of {sorted(CHECKPOINTERS)}")
     require(cfg.cluster.nodes > 0, "cluster.nodes", cfg.cluster.nodes, "a positive integer")

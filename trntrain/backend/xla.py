@@ -1,0 +1,101 @@
+"""torch-xla lazy tensors: the code path of Trainium, run here on XLA:CPU.
+
+Every optimizer step is traced into one graph and cut at `step_boundary`
+(`torch_xla.sync()`); a graph that has not been seen before is compiled, which
+on Neuron takes minutes. The trainer therefore keeps shapes static and reads
+nothing back to the host inside a step; `metrics()` reports the compile count so
+that recompilation in steady state is visible in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from omegaconf import DictConfig
+
+from trntrain.backend.base import Backend, host_peak_rss_gib
+
+
+class XlaBackend(Backend):
+    name = "xla"
+    dist_backend = "xla"
+    default_pjrt_device = "CPU"
+
+    def __init__(self, local_rank: int = 0, cfg: DictConfig | None = None) -> None:
+        super().__init__(local_rank, cfg)
+        configured = cfg.pjrt_device if cfg is not None else None
+        # The PJRT client reads this when torch_xla initialises its runtime.
+        os.environ["PJRT_DEVICE"] = (configured or os.environ.get("PJRT_DEVICE")
+                                     or self.default_pjrt_device)
+        self.configure_environment()
+        import torch_xla
+        import torch_xla.debug.metrics
+
+        self._torch_xla = torch_xla
+        self._metrics = torch_xla.debug.metrics
+        if cfg is not None and cfg.compile_cache_dir and self.uses_xla_cache():
+            import torch_xla.runtime as xr
+
+            xr.initialize_cache(cfg.compile_cache_dir, readonly=False)
+        self._device = torch_xla.device()
+
+    def configure_environment(self) -> None:
+        """Set what must be in the environment before torch_xla starts its runtime."""
+
+    def uses_xla_cache(self) -> bool:
+        return True
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def process_group_kwargs(self) -> dict:
+        import torch_xla.distributed.xla_backend  # noqa: F401  (registers "xla")
+
+        return {"backend": "xla", "init_method": "xla://"}
+
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        if precision == "bf16_autocast":
+            return torch.autocast("xla", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step_boundary(self) -> None:
+        self._torch_xla.sync()
+
+    def synchronize(self) -> None:
+        import torch_xla.core.xla_model as xm
+
+        xm.wait_device_ops()
+
+    def batches(self, batches: Iterator[list[tuple[torch.Tensor, torch.Tensor]]]
+                ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each step's micro-batches, copied to the device by a background thread ahead of use."""
+        from torch_xla.distributed.parallel_loader import MpDeviceLoader
+
+        return iter(MpDeviceLoader(_Iterable(batches), self.device, loader_prefetch_size=4,
+                                   device_prefetch_size=2))
+
+    def compile_count(self) -> int:
+        data = self._metrics.metric_data("CompileTime")
+        return int(data[0]) if data else 0
+
+    def host_transfer_count(self) -> int:
+        """Device-to-host transfers so far: each one is a synchronisation."""
+        data = self._metrics.metric_data("TransferFromDeviceTime")
+        return int(data[0]) if data else 0
+
+    def metrics(self) -> dict[str, float]:
+        return {"xla_compiles": self.compile_count(), "mem_host_peak_gib": host_peak_rss_gib()}
+
+
+class _Iterable:
+    """MpDeviceLoader wants an iterable; the trainer hands it a generator."""
+
+    def __init__(self, iterator: Iterator) -> None:
+        self.iterator = iterator
+
+    def __iter__(self) -> Iterator:
+        return self.iterator
