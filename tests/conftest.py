@@ -66,12 +66,19 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     ctx = mp.start_processes(_worker, args=(fn, world_size, free_port(), args, results),
                              nprocs=world_size, join=False, start_method="fork")
     deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1):
+    by_rank = {}
+    # Drain results while waiting: a large result blocks its sender until it is read.
+    while not ctx.join(timeout=0.05):
+        while not results.empty():
+            rank, value = results.get()
+            by_rank[rank] = value
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"distributed test did not finish within {timeout_s} s")
-    by_rank = dict(results.get() for _ in range(world_size))
+    while not results.empty():
+        rank, value = results.get()
+        by_rank[rank] = value
     for rank in range(world_size):
         if isinstance(by_rank[rank], Exception):
             raise by_rank[rank]

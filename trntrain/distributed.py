@@ -30,14 +30,27 @@ def world_from_env() -> World:
     )
 
 
+_host_group: dist.ProcessGroup | None = None
+
+
 def init_process_group(world: World, timeout_s: float, **kwargs: Any) -> None:
-    """The default group over all ranks; kwargs name the backend (Backend.process_group_kwargs)."""
+    """The default group over all ranks; kwargs name the backend (Backend.process_group_kwargs).
+
+    A gloo group over the same ranks carries host objects (the run directory, later
+    checkpoint metadata): xla and nccl groups move device tensors only.
+    """
+    global _host_group
     if world.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(rank=world.rank, world_size=world.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(rank=world.rank, world_size=world.world_size, timeout=timeout,
+                                **kwargs)
+        if dist.get_backend() != "gloo":
+            _host_group = dist.new_group(backend="gloo", timeout=timeout)
 
 
 def destroy_process_group() -> None:
+    global _host_group
+    _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -47,5 +60,5 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_host_group)
     return box[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World
 from trntrain.metrics import MetricsLogger
-from trntrain.models import build_model, count_parameters
+from trntrain.models import build_model, count_parameters, materialize
 from trntrain.optim import build_lr_scheduler, build_optimizer, lr_factor
-from trntrain.parallel import GradientAverager, Mesh, ParallelDims, build_mesh
+from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh, clip_grad_norm_
+from trntrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 
 logger = logging.getLogger("trntrain")
 
@@ -33,6 +35,14 @@ logger = logging.getLogger("trntrain")
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy, computed in fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def build_loss_fn(model: torch.nn.Module, mesh: Mesh) -> Callable:
+    """Cross-entropy on full logits, or on this rank's vocabulary slice under tp."""
+    if mesh.tp_group is None:
+        return causal_lm_loss
+    return lambda logits, labels: vocab_parallel_cross_entropy(
+        logits, labels, model.vocab_start, mesh.tp_group)
 
 
 class Trainer:
@@ -48,17 +58,21 @@ class Trainer:
         self.mesh: Mesh = build_mesh(dims, world.rank)
 
         with torch.device("meta"):
-            model = build_model(cfg.model)
-        model.to_empty(device=self.backend.device)
-        model.init_weights(cfg.train.seed)
-        self.model = self.backend.prepare_model(model)
+            model = build_model(cfg.model, self.mesh.tp_group, cfg.parallel.sequence_parallel)
+        self.model = self.backend.prepare_model(
+            materialize(model, self.backend.device, cfg.train.seed))
+        self.loss_fn = build_loss_fn(self.model, self.mesh)
         self.num_params = count_parameters(self.model)
 
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        self.grad_averager = GradientAverager(self.model, self.mesh.dp_group,
-                                              cfg.parallel.bucket_mb)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        bucket_mb = cfg.parallel.bucket_mb
+        self.tp_grad_reducer = GradientReducer(
+            [p for p in self.params if getattr(p, "tp_grad_reduce", False)], self.mesh.tp_group,
+            bucket_mb, average=False)
+        self.dp_grad_reducer = GradientReducer(self.params, self.mesh.dp_group, bucket_mb,
+                                               average=True)
 
         t = cfg.train
         self.micro_batch_size = micro_batch_size(cfg, world.world_size)
@@ -76,27 +90,26 @@ class Trainer:
 
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over this rank's micro-batches: (mean loss, gradient norm)."""
-        accumulation = len(micro_batches)
-        loss_sum = torch.zeros((), device=self.backend.device)
-        for inputs, labels in micro_batches:
-            with self.backend.autocast(self.cfg.train.precision):
-                loss = causal_lm_loss(self.model(inputs), labels)
-            (loss / accumulation).backward()
-            loss_sum += loss.detach()
-        mean_loss = loss_sum / accumulation
-        self.grad_averager.all_reduce()
-        grad_norm = self.clip_gradients()
+        mean_loss = self.forward_backward(micro_batches)
+        grad_norm = clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm, self.mesh.tp_group)
         self.backend.optimizer_step(self.optimizer)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.backend.step_boundary()
         return mean_loss, grad_norm
 
-    def clip_gradients(self) -> torch.Tensor:
-        max_norm = self.cfg.optim.max_grad_norm
-        if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """Accumulate the gradient of the mean loss, reduced over tp and dp; returns the loss."""
+        accumulation = len(micro_batches)
+        loss_sum = torch.zeros((), device=self.backend.device)
+        for inputs, labels in micro_batches:
+            with self.backend.autocast(self.cfg.train.precision):
+                loss = self.loss_fn(self.model(inputs), labels)
+            (loss / accumulation).backward()
+            loss_sum += loss.detach()
+        self.tp_grad_reducer.reduce()
+        self.dp_grad_reducer.reduce()
+        return loss_sum / accumulation
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -108,7 +121,7 @@ class Trainer:
         for micro_batches in self.backend.batches(batches):
             for inputs, labels in micro_batches:
                 with self.backend.autocast(self.cfg.train.precision):
-                    total += causal_lm_loss(self.model(inputs), labels)
+                    total += self.loss_fn(self.model(inputs), labels)
                 count += 1
             # One small graph per batch, the same each time, rather than one per evaluation.
             self.backend.step_boundary()
@@ -139,9 +152,11 @@ class Trainer:
         jsonl = self.run_dir / "metrics.jsonl" if is_main and self.run_dir is not None else None
         metrics = MetricsLogger(jsonl, console=is_main, max_steps=self.max_steps)
         logger.info(
-            "model %s: %.2f M parameters | %s backend | dp=%d | %d micro-batches of %d x %d "
-            "tokens per step | corpus %.1f M train tokens",
-            self.cfg.model.name, self.num_params / 1e6, self.backend.name, self.mesh.dims.dp,
+            "model %s: %.2f M parameters on this rank | %s backend | tp=%d%s dp=%d | "
+            "%d micro-batches of %d x %d tokens per step | %.1f M train tokens",
+            self.cfg.model.name, self.num_params / 1e6, self.backend.name, self.mesh.dims.tp,
+            " (sequence parallel)" if self.cfg.parallel.sequence_parallel else "",
+            self.mesh.dims.dp,
             self.train_batches.accumulation_steps, self.micro_batch_size, t.seq_len,
             self.data.num_tokens("train") / 1e6,
         )

@@ -57,6 +57,9 @@ class ParallelConfig:
     pp: int = 1
     # None: world size / (tp * pp).
     dp: int | None = None
+    # Shard norms and residual activations along the sequence over the tp group
+    # (all-gather / reduce-scatter instead of all-reduce).
+    sequence_parallel: bool = False
     # Gradients are all-reduced over dp in flat buckets of about this size.
     bucket_mb: float = 25.0
 

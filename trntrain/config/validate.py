@@ -128,9 +128,8 @@ def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
     p = cfg.parallel
     _positive(p, "parallel", "tp", "pp")
     require(p.dp is None or p.dp > 0, "parallel.dp", p.dp, "null (derived) or a positive integer")
-    # Tensor and pipeline parallel layers are not part of this release yet.
-    require(p.tp == 1, "parallel.tp", p.tp, "1", "tensor parallelism is not available yet;")
     require(p.pp == 1, "parallel.pp", p.pp, "1", "pipeline parallelism is not available yet;")
+    _validate_tensor_parallel(cfg)
     dp = data_parallel_size(cfg, world_size)
     require(
         p.tp * p.pp * dp == world_size, "parallel.dp" if p.dp is not None else "parallel.tp",
@@ -140,6 +139,28 @@ def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
         f"{world_size} were started;",
     )
     require(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "a positive number of MiB")
+
+
+def _validate_tensor_parallel(cfg: DictConfig) -> None:
+    tp, m = cfg.parallel.tp, cfg.model
+    if tp == 1:
+        return
+    n_kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    why = "tensor parallelism splits attention heads, MLP columns and the vocabulary evenly;"
+    require(m.n_heads % tp == 0, "parallel.tp", tp, f"a divisor of model.n_heads={m.n_heads}",
+            why)
+    require(n_kv % tp == 0 or tp % n_kv == 0, "parallel.tp", tp,
+            f"a divisor or a multiple of model.n_kv_heads={n_kv} (kv heads are sharded, or "
+            f"replicated when tp exceeds them)", why)
+    require(m.ffn_hidden_dim % tp == 0, "parallel.tp", tp,
+            f"a divisor of model.ffn_hidden_dim={m.ffn_hidden_dim}", why)
+    require(m.vocab_size % tp == 0, "model.vocab_size", m.vocab_size,
+            f"a multiple of parallel.tp={tp} (pad the vocabulary, e.g. "
+            f"{-(-m.vocab_size // tp) * tp})", why)
+    if cfg.parallel.sequence_parallel:
+        require(cfg.train.seq_len % tp == 0, "train.seq_len", cfg.train.seq_len,
+                f"a multiple of parallel.tp={tp}",
+                "sequence parallelism splits each sequence evenly over the tp group;")
 
 
 def _validate_train(cfg: DictConfig, world_size: int) -> None:

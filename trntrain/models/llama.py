@@ -109,10 +109,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        bsz, seq, _ = x.shape
-        q = self.wq(x).view(bsz, seq, -1, self.head_dim)
-        k = self.wk(x).view(bsz, seq, -1, self.head_dim)
-        v = self.wv(x).view(bsz, seq, -1, self.head_dim)
+        # Shapes come from the projections: under sequence parallelism x holds a
+        # slice of the sequence and the projections return all of it.
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        bsz, seq = q.shape[:2]
+        q = q.view(bsz, seq, -1, self.head_dim)
+        k = k.view(bsz, seq, -1, self.head_dim)
+        v = v.view(bsz, seq, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Head counts come from the tensors: a tensor-parallel shard holds fewer heads.
         groups = q.shape[2] // k.shape[2]
@@ -182,6 +185,7 @@ class Llama(nn.Module):
         The same parameter gets the same values whatever else the model holds, so a
         sharded or pipelined layout can rebuild exactly the weights of the full model.
         Residual output projections are scaled down by depth (GPT-2 / torchtitan).
+        A tensor-parallel shard (`tp_shard`) takes its slice of the full draw.
         """
         if self.args.tie_embeddings:
             # to_empty() after a meta-device build allocates the two names separately.
@@ -192,7 +196,12 @@ class Llama(nn.Module):
                 param.fill_(1.0)
                 continue
             std = depth_std if name.endswith(("wo.weight", "w2.weight")) else self.args.init_std
-            init_normal_(param, std, parameter_seed(seed, name))
+            full = normal_tensor(getattr(param, "tp_full_shape", param.shape), std,
+                                 parameter_seed(seed, name))
+            if hasattr(param, "tp_shard"):
+                dim, start, length = param.tp_shard
+                full = full.narrow(dim, start, length)
+            param.copy_(full)
         cos, sin = rope_cos_sin(self.args, self.args.max_seq_len)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -203,7 +212,7 @@ def parameter_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def init_normal_(param: torch.Tensor, std: float, seed: int) -> None:
+def normal_tensor(shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
+    """N(0, std) values drawn on the CPU from `seed`: the same on every device and layout."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-    param.copy_(values)
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)

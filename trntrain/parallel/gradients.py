@@ -1,0 +1,89 @@
+"""Gradients across process groups: bucketed reductions and the global-norm clip.
+
+After backward:
+1. tp: gradients of tp-replicated parameters that differ between tp ranks
+   (`tp_grad_reduce`: norms under sequence parallelism, replicated kv weights)
+   are summed over the tp group;
+2. dp: every gradient is averaged over the data-parallel group;
+3. the global norm counts each parameter once: shards summed over tp, replicated
+   parameters taken once.
+
+Reductions run on flat buckets, one collective per bucket: a small collective
+costs about as much as a large one on gloo and on EFA, so few large ones win.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trntrain.parallel.comm import Group, all_reduce, group_size
+
+
+def gradient_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
+    """Consecutive parameters grouped up to `bucket_bytes` each, one dtype per bucket."""
+    buckets: list[list[nn.Parameter]] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if buckets and size + nbytes <= bucket_bytes and buckets[-1][0].dtype == p.dtype:
+            buckets[-1].append(p)
+            size += nbytes
+        else:
+            buckets.append([p])
+            size = nbytes
+    return buckets
+
+
+class GradientReducer:
+    """Sums (or averages) the .grad of `params` over `group`, bucket by bucket."""
+
+    def __init__(self, params: list[nn.Parameter], group: Group, bucket_mb: float,
+                 average: bool) -> None:
+        self.group = group
+        self.size = group_size(group)
+        self.average = average
+        # Reverse order: the last layers' gradients are ready first, should overlap come.
+        self.buckets = gradient_buckets(params[::-1], int(bucket_mb * 2**20))
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        if self.size == 1:
+            return
+        for bucket in self.buckets:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if self.average:
+                flat.div_(self.size)
+            all_reduce(flat, self.group)
+            offset = 0
+            for p, g in zip(bucket, grads, strict=True):
+                p.grad = flat[offset:offset + g.numel()].view_as(g)
+                offset += g.numel()
+
+
+def is_tp_sharded(param: nn.Parameter) -> bool:
+    return hasattr(param, "tp_shard")
+
+
+def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.nn.utils.get_total_norm(grads).float()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, tp_group: Group
+                    ) -> torch.Tensor:
+    """Scale gradients so that their global norm is at most `max_norm` (0: only measure).
+
+    Returns the norm before clipping, identical on every rank, as a device tensor.
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    device = with_grad[0].grad.device
+    sharded = _norm([p.grad for p in with_grad if is_tp_sharded(p)], device)
+    replicated = _norm([p.grad for p in with_grad if not is_tp_sharded(p)], device)
+    total = (all_reduce(sharded.pow(2), tp_group) + replicated.pow(2)).sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
+    return total

@@ -1,0 +1,215 @@
+"""Tensor- and sequence-parallel layers, and `parallelize_llama` which swaps them in.
+
+A sharded parameter keeps the name it has in the plain model and records how it
+was cut (`tp_shard = (dim, start, length)` of `tp_full_shape`), so that
+`Llama.init_weights` draws the full tensor from the same seed and keeps this
+rank's slice: any layout starts from the weights of tp=1.
+
+Parameters that every tp rank holds whole but whose gradients differ between
+ranks are marked `tp_grad_reduce`: the norm weights under sequence parallelism
+(each rank sees other tokens) and key/value projections replicated when tp
+exceeds n_kv_heads (each rank back-propagates other query heads). Their
+gradients are summed over the tp group after backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from trntrain.parallel.comm import (
+    Group,
+    all_reduce,
+    copy_to_tp_region,
+    gather_from_sequence_region,
+    group_rank,
+    group_size,
+    reduce_from_tp_region,
+    reduce_scatter_to_sequence_region,
+)
+
+
+def mark_shard(param: nn.Parameter, full_shape: tuple[int, ...], dim: int, start: int,
+               length: int) -> nn.Parameter:
+    param.tp_full_shape = tuple(full_shape)
+    param.tp_shard = (dim, start, length)
+    return param
+
+
+def _empty_like_weight(linear: nn.Linear | nn.Embedding, shape: tuple[int, ...]) -> nn.Parameter:
+    w = linear.weight
+    return nn.Parameter(torch.empty(shape, dtype=w.dtype, device=w.device))
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split over tp: each rank returns its slice of y.
+
+    Input: replicated (copy_to_tp_region), or sequence-sharded under sequence
+    parallelism (gathered along the sequence first).
+    """
+
+    def __init__(self, linear: nn.Linear, group: Group, sequence_parallel: bool,
+                 rows: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+        out_features, in_features = linear.weight.shape
+        if rows is None:
+            length = out_features // group_size(group)
+            rows = (group_rank(group) * length, length)
+        self.weight = _empty_like_weight(linear, (rows[1], in_features))
+        mark_shard(self.weight, (out_features, in_features), 0, *rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = gather_from_sequence_region(x, self.group)
+        else:
+            x = copy_to_tp_region(x, self.group)
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split over tp; x arrives split the same way.
+
+    The partial products are summed: all-reduce, or reduce-scatter along the
+    sequence under sequence parallelism.
+    """
+
+    def __init__(self, linear: nn.Linear, group: Group, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+        out_features, in_features = linear.weight.shape
+        length = in_features // group_size(group)
+        self.weight = _empty_like_weight(linear, (out_features, length))
+        mark_shard(self.weight, (out_features, in_features), 1, group_rank(group) * length, length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_region(y, self.group)
+        return reduce_from_tp_region(y, self.group)
+
+
+class ReplicatedKVLinear(nn.Module):
+    """Key or value projection when tp > n_kv_heads: every rank holds the whole weight
+    and uses the rows of the kv head its query heads read."""
+
+    def __init__(self, linear: nn.Linear, group: Group, sequence_parallel: bool,
+                 n_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+        self.weight = _empty_like_weight(linear, tuple(linear.weight.shape))
+        self.weight.tp_grad_reduce = True
+        tp = group_size(group)
+        kv_head = group_rank(group) * n_kv_heads // tp
+        self.rows = slice(kv_head * head_dim, (kv_head + 1) * head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = gather_from_sequence_region(x, self.group)
+        else:
+            x = copy_to_tp_region(x, self.group)
+        return F.linear(x, self.weight[self.rows])
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over tp by vocabulary range; each rank looks up the
+    tokens it owns and the partial results are summed (or reduce-scattered
+    along the sequence under sequence parallelism)."""
+
+    def __init__(self, embedding: nn.Embedding, group: Group, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+        vocab, dim = embedding.weight.shape
+        length = vocab // group_size(group)
+        self.start = group_rank(group) * length
+        self.weight = _empty_like_weight(embedding, (length, dim))
+        mark_shard(self.weight, (vocab, dim), 0, self.start, length)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        h = h.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_region(h, self.group)
+        return reduce_from_tp_region(h, self.group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary range, without gathering them:
+    only (batch, seq)-sized maxima, sums and target logits cross the group."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, group):
+        ctx.dtype = logits.dtype
+        logits = logits.float()
+        local_max = logits.max(dim=-1).values
+        global_max = all_reduce(local_max.clone(), group, dist.ReduceOp.MAX)
+        shifted = logits - global_max.unsqueeze(-1)
+        local = labels - vocab_start
+        outside = (local < 0) | (local >= logits.shape[-1])
+        local = local.masked_fill(outside, 0)
+        target = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        target = all_reduce(target, group)
+        exp = shifted.exp()
+        sum_exp = all_reduce(exp.sum(dim=-1), group)
+        loss = sum_exp.log() - target
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, outside)
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, outside = ctx.saved_tensors
+        grad_logits = softmax.clone()
+        hit = (~outside).to(softmax.dtype)
+        grad_logits.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
+        grad_logits.mul_(grad / local.numel())
+        return grad_logits.to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
+                                 group: Group) -> torch.Tensor:
+    """Mean next-token loss from this rank's vocabulary slice of the logits."""
+    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, group)
+
+
+def parallelize_llama(model: nn.Module, tp_group: Group, sequence_parallel: bool) -> nn.Module:
+    """Swap the Llama model's layers for tensor-parallel ones, in place (weights are
+    left uninitialised: call `init_weights` afterwards)."""
+    tp = group_size(tp_group)
+    if tp == 1:
+        return model
+    args = model.args
+    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp_group,
+                                                  sequence_parallel)
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        attn.wq = ColumnParallelLinear(attn.wq, tp_group, sequence_parallel)
+        if tp <= args.kv_heads:
+            attn.wk = ColumnParallelLinear(attn.wk, tp_group, sequence_parallel)
+            attn.wv = ColumnParallelLinear(attn.wv, tp_group, sequence_parallel)
+        else:
+            attn.wk = ReplicatedKVLinear(attn.wk, tp_group, sequence_parallel, args.kv_heads,
+                                         args.head_dim)
+            attn.wv = ReplicatedKVLinear(attn.wv, tp_group, sequence_parallel, args.kv_heads,
+                                         args.head_dim)
+        attn.wo = RowParallelLinear(attn.wo, tp_group, sequence_parallel)
+        ffn.w1 = ColumnParallelLinear(ffn.w1, tp_group, sequence_parallel)
+        ffn.w3 = ColumnParallelLinear(ffn.w3, tp_group, sequence_parallel)
+        ffn.w2 = RowParallelLinear(ffn.w2, tp_group, sequence_parallel)
+        if sequence_parallel:
+            layer.attention_norm.weight.tp_grad_reduce = True
+            layer.ffn_norm.weight.tp_grad_reduce = True
+    if sequence_parallel:
+        model.norm.weight.tp_grad_reduce = True
+    model.output = ColumnParallelLinear(model.output, tp_group, sequence_parallel)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.vocab_start = model.tok_embeddings.start
+    return model
