@@ -80,6 +80,17 @@ def test_torchrun_ranks_share_one_run_dir(tmp_path):
     assert "dp=2" in (run_dir / "train.log").read_text()
 
 
+def test_torchrun_tensor_parallel_with_sequence_parallel(tmp_path):
+    single = run([TRNTRAIN, "train", *SHORT, "run.dir=single"], tmp_path)
+    assert single.returncode == 0, single.stderr
+    proc = run([TORCHRUN, "--nproc_per_node=2", "-m", "trntrain", "train", *SHORT,
+                "parallel.tp=2", "parallel.sequence_parallel=true", "run.dir=tp2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    expected = [r["loss"] for r in records(tmp_path / "single")]
+    assert [r["loss"] for r in records(tmp_path / "tp2")] == pytest.approx(expected, rel=1e-5)
+    assert "tp=2 (sequence parallel) dp=1" in (tmp_path / "tp2" / "train.log").read_text()
+
+
 def test_multirun_sweep_writes_one_dir_per_job(tmp_path):
     proc = run([TRNTRAIN, "train", "-m", *SHORT, "optim.lr=1e-3,3e-3"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -106,6 +117,15 @@ def test_bad_config_exits_with_one_message(tmp_path, args, message):
     assert "Traceback" not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_bad_layout_fails_before_any_process_group(tmp_path):
+    proc = run([TORCHRUN, "--nproc_per_node=2", "-m", "trntrain", "train", "parallel.tp=2",
+                "model.n_heads=6", "model.n_kv_heads=3", "model.dim=96"], tmp_path, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.count("parallel.tp=2 is invalid") == 1
+    assert "a divisor or a multiple of model.n_kv_heads=3" in proc.stderr
+    assert "init_process_group" not in proc.stderr
 
 
 def test_bad_config_under_torchrun_is_reported_once(tmp_path):
