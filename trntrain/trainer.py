@@ -42,7 +42,7 @@ def build_loss_fn(model: torch.nn.Module, mesh: Mesh) -> Callable:
     if mesh.tp_group is None:
         return causal_lm_loss
     return lambda logits, labels: vocab_parallel_cross_entropy(
-        logits, labels, model.vocab_start, mesh.tp_group)
+        logits, labels, model.output.start, mesh.tp_group)
 
 
 class Trainer:

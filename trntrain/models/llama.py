@@ -113,6 +113,7 @@ class Attention(nn.Module):
         # slice of the sequence and the projections return all of it.
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         bsz, seq = q.shape[:2]
+        cos, sin = cos[:seq], sin[:seq]
         q = q.view(bsz, seq, -1, self.head_dim)
         k = k.view(bsz, seq, -1, self.head_dim)
         v = v.view(bsz, seq, -1, self.head_dim)
@@ -156,27 +157,32 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
+    """The whole model, or a pipeline chunk of it: a chunk keeps some of the layers
+    (under their global indices) and has None for the parts it does not hold."""
+
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tok_embeddings: nn.Module | None = nn.Embedding(args.vocab_size, args.dim)
+        # A dict keyed by global layer index: a pipeline chunk keeps parameter names.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm: nn.Module | None = RMSNorm(args.dim, args.norm_eps)
+        self.output: nn.Module | None = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_cos_sin(args, args.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab)."""
-        seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab); a pipeline chunk maps
+        tokens or hidden states to hidden states or logits, as its parts say."""
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cos, self.rope_sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -187,7 +193,8 @@ class Llama(nn.Module):
         Residual output projections are scaled down by depth (GPT-2 / torchtitan).
         A tensor-parallel shard (`tp_shard`) takes its slice of the full draw.
         """
-        if self.args.tie_embeddings:
+        tied = self.args.tie_embeddings
+        if tied and self.tok_embeddings is not None and self.output is not None:
             # to_empty() after a meta-device build allocates the two names separately.
             self.output.weight = self.tok_embeddings.weight
         depth_std = self.args.init_std / math.sqrt(2 * self.args.n_layers)
@@ -196,8 +203,10 @@ class Llama(nn.Module):
                 param.fill_(1.0)
                 continue
             std = depth_std if name.endswith(("wo.weight", "w2.weight")) else self.args.init_std
+            # A tied head on the last pipeline stage starts as the first stage's embedding.
+            identity = "tok_embeddings.weight" if tied and name == "output.weight" else name
             full = normal_tensor(getattr(param, "tp_full_shape", param.shape), std,
-                                 parameter_seed(seed, name))
+                                 parameter_seed(seed, identity))
             if hasattr(param, "tp_shard"):
                 dim, start, length = param.tp_shard
                 full = full.narrow(dim, start, length)

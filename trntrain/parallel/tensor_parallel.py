@@ -59,6 +59,7 @@ class ColumnParallelLinear(nn.Module):
         if rows is None:
             length = out_features // group_size(group)
             rows = (group_rank(group) * length, length)
+        self.start = rows[0]
         self.weight = _empty_like_weight(linear, (rows[1], in_features))
         mark_shard(self.weight, (out_features, in_features), 0, *rows)
 
@@ -188,7 +189,7 @@ def parallelize_llama(model: nn.Module, tp_group: Group, sequence_parallel: bool
     args = model.args
     model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp_group,
                                                   sequence_parallel)
-    for layer in model.layers:
+    for layer in model.layers.values():
         attn, ffn = layer.attention, layer.feed_forward
         attn.wq = ColumnParallelLinear(attn.wq, tp_group, sequence_parallel)
         if tp <= args.kv_heads:
@@ -211,5 +212,4 @@ def parallelize_llama(model: nn.Module, tp_group: Group, sequence_parallel: bool
     model.output = ColumnParallelLinear(model.output, tp_group, sequence_parallel)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model.vocab_start = model.tok_embeddings.start
     return model
