@@ -8,14 +8,11 @@ For each layout tp in {1, 2, 4} (dp=1, world size = tp) x sp in {off, on}, on
    `train_step` after warm-up (`comm.COMM_STATS`: the logical size of each
    collective's result per rank), split by phase: model forward, vocab-parallel
    cross-entropy, backward, tp gradient reduction, gradient-norm clip;
-2. compare them with two analytical models for the same shapes:
-   - "textbook": Megatron-LM with fused qkv and fused w1/w3 projections, i.e.
-     one input collective per attention and one per MLP;
-   - "code": what trntrain's layers do, where wq, wk, wv, w1 and w3 are five
-     separate ColumnParallelLinear layers, each with its own input collective
-     (copy_to_tp_region: an all-reduce in backward; under sp,
-     gather_from_sequence_region: an all-gather forward, a reduce-scatter
-     backward);
+2. compare them with Megatron-LM's analytical volume for the same shapes: one
+   input collective per attention block and one per MLP (copy_to_tp_region: an
+   all-reduce backward; under sp, gather_from_sequence_region: an all-gather
+   forward, a reduce-scatter backward), one output collective after each
+   (all-reduce, or reduce-scatter under sp), the embedding and the head;
 3. time `train_step` (median over --steps steps after warm-up, slowest rank of
    each step, ranks aligned by a barrier before each step).
 
@@ -142,13 +139,8 @@ def bench_layout(rank: int, world_size: int, cfg: DictConfig, warmup: int, steps
 
 # -- analytical volumes -------------------------------------------------------------------------
 
-def analytical(cfg: DictConfig, tp: int, sp: bool, inputs_per_layer: int) -> Volume:
-    """Bytes by (phase, op) of one step per rank, as the size of each collective's result.
-
-    `inputs_per_layer` is how many input collectives a layer runs for its
-    column-parallel projections: 2 in Megatron-LM (fused qkv, fused w1/w3), 5 in
-    trntrain (wq, wk, wv, w1, w3 each on its own).
-    """
+def analytical(cfg: DictConfig, tp: int, sp: bool) -> Volume:
+    """Bytes by (phase, op) of one step per rank, as the size of each collective's result."""
     if tp == 1:
         return {}
     m, t = cfg.model, cfg.train
@@ -156,7 +148,7 @@ def analytical(cfg: DictConfig, tp: int, sp: bool, inputs_per_layer: int) -> Vol
     layers, h = m.n_layers, m.dim
     bsh = t.global_batch_size * t.seq_len * h * fp32  # one (micro-)batch: dp=1, one micro-batch
     bs = t.global_batch_size * t.seq_len * fp32
-    col = inputs_per_layer * layers + 1  # + the output head's input
+    col = 2 * layers + 1  # attention and MLP inputs, + the output head's input
     row = 2 * layers + 1  # wo and w2 outputs, + the embedding's output
     v: Volume = {("loss", "all_reduce"): 3 * bs, ("clip", "all_reduce"): fp32}
     if not sp:
@@ -194,19 +186,17 @@ def ratio(a: int, b: int) -> str:
     return f"{a / b:.3f}"
 
 
-def print_volumes(name: str, measured: Volume, calls: Volume, textbook: Volume,
-                  code: Volume) -> None:
+def print_volumes(name: str, measured: Volume, calls: Volume, expected: Volume) -> None:
     keys = [(p, op) for p in PHASES for op in OPS
-            if measured.get((p, op)) or textbook.get((p, op)) or code.get((p, op))]
-    rows = [(p, op, calls.get((p, op), 0), measured.get((p, op), 0), textbook.get((p, op), 0),
-             code.get((p, op), 0)) for p, op in keys]
+            if measured.get((p, op)) or expected.get((p, op))]
+    rows = [(p, op, calls.get((p, op), 0), measured.get((p, op), 0), expected.get((p, op), 0))
+            for p, op in keys]
     for op in OPS:
         rows.append(("total", op, sum(r[2] for r in rows if r[1] == op),
-                     *(sum(vol.get((p, op), 0) for p in PHASES)
-                       for vol in (measured, textbook, code))))
-    for phase, op, n, meas, text, model in rows:
-        print(f"{name:<13}{phase:<10}{op:<16}{n:>6}{meas:>13,}{text:>13,}{ratio(meas, text):>8}"
-              f"{model:>13,}{ratio(meas, model):>8}")
+                     *(sum(vol.get((p, op), 0) for p in PHASES) for vol in (measured, expected))))
+    for phase, op, n, meas, model in rows:
+        print(f"{name:<13}{phase:<10}{op:<16}{n:>6}{meas:>13,}{model:>13,}"
+              f"{ratio(meas, model):>8}")
         name = ""
 
 
@@ -235,11 +225,11 @@ def main() -> None:
           f"model {m.name}: dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads, "
           f"{m.n_kv_heads} kv heads, ffn {m.ffn_hidden_dim}, vocab {m.vocab_size} | "
           f"batch {t.global_batch_size} x seq {t.seq_len}, one micro-batch, fp32, dp=1")
-    print("\nBytes per optimizer step on rank 0, as the size of each collective's result. "
-          "textbook: Megatron-LM\n(fused qkv and w1/w3); code: trntrain's separate "
-          "wq/wk/wv/w1/w3 input collectives. Ratios are measured/model.\n")
-    print(f"{'layout':<13}{'phase':<10}{'op':<16}{'calls':>6}{'measured':>13}{'textbook':>13}"
-          f"{'ratio':>8}{'code model':>13}{'ratio':>8}")
+    print("\nBytes per optimizer step on rank 0, as the size of each collective's result, "
+          "against Megatron-LM's\nanalytical volume for the same shapes "
+          "(ratio measured / analytical).\n")
+    print(f"{'layout':<13}{'phase':<10}{'op':<16}{'calls':>6}{'measured':>13}{'analytical':>13}"
+          f"{'ratio':>8}")
     for (tp, sp), (cfg, by_rank, _) in results.items():
         name = f"tp={tp} sp={'on' if sp else 'off'}"
         measured, calls = by_rank[0]["bytes"], by_rank[0]["calls"]
@@ -247,8 +237,7 @@ def main() -> None:
             print(f"{name:<13}{'(no tp group: no collectives)':<32}"
                   f"{sum(measured.values()):>13,}")
             continue
-        print_volumes(name, measured, calls, analytical(cfg, tp, sp, 2),
-                      analytical(cfg, tp, sp, 5))
+        print_volumes(name, measured, calls, analytical(cfg, tp, sp))
         wire = ring_wire_bytes(measured, tp)
         print(f"{'':<13}sent per rank by ring algorithms: {wire:,.0f} B "
               f"({wire / sum(measured.values()):.3f} x the result sizes above)")

@@ -123,7 +123,9 @@ class _CopyToRegion(torch.autograd.Function):
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x.clone(), group)
+        # In place: x is a fresh partial product that nothing else reads.
+        ctx.mark_dirty(x)
+        return all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):

@@ -43,31 +43,37 @@ def _empty_like_weight(linear: nn.Linear | nn.Embedding, shape: tuple[int, ...])
     return nn.Parameter(torch.empty(shape, dtype=w.dtype, device=w.device))
 
 
+def enter_tp_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """The input of column-parallel layers: replicated activations are copied into the
+    region (gradients all-reduced backward), sequence shards are all-gathered."""
+    if sequence_parallel:
+        return gather_from_sequence_region(x, group)
+    return copy_to_tp_region(x, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's output rows split over tp: each rank returns its slice of y.
 
-    Input: replicated (copy_to_tp_region), or sequence-sharded under sequence
-    parallelism (gathered along the sequence first).
+    Input: replicated, or sequence-sharded under sequence parallelism; it enters the
+    tp region here unless `shared_input` says the caller did it once for several
+    layers reading the same input (q, k, v; w1, w3).
     """
 
     def __init__(self, linear: nn.Linear, group: Group, sequence_parallel: bool,
-                 rows: tuple[int, int] | None = None) -> None:
+                 shared_input: bool = False) -> None:
         super().__init__()
         self.group = group
         self.sequence_parallel = sequence_parallel
+        self.shared_input = shared_input
         out_features, in_features = linear.weight.shape
-        if rows is None:
-            length = out_features // group_size(group)
-            rows = (group_rank(group) * length, length)
-        self.start = rows[0]
-        self.weight = _empty_like_weight(linear, (rows[1], in_features))
-        mark_shard(self.weight, (out_features, in_features), 0, *rows)
+        length = out_features // group_size(group)
+        self.start = group_rank(group) * length
+        self.weight = _empty_like_weight(linear, (length, in_features))
+        mark_shard(self.weight, (out_features, in_features), 0, self.start, length)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_region(x, self.group)
-        else:
-            x = copy_to_tp_region(x, self.group)
+        if not self.shared_input:
+            x = enter_tp_region(x, self.group, self.sequence_parallel)
         return F.linear(x, self.weight)
 
 
@@ -96,13 +102,11 @@ class RowParallelLinear(nn.Module):
 
 class ReplicatedKVLinear(nn.Module):
     """Key or value projection when tp > n_kv_heads: every rank holds the whole weight
-    and uses the rows of the kv head its query heads read."""
+    and uses the rows of the kv head its query heads read. Its input has entered the
+    tp region already (shared with the query projection)."""
 
-    def __init__(self, linear: nn.Linear, group: Group, sequence_parallel: bool,
-                 n_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, linear: nn.Linear, group: Group, n_kv_heads: int, head_dim: int) -> None:
         super().__init__()
-        self.group = group
-        self.sequence_parallel = sequence_parallel
         self.weight = _empty_like_weight(linear, tuple(linear.weight.shape))
         self.weight.tp_grad_reduce = True
         tp = group_size(group)
@@ -110,10 +114,6 @@ class ReplicatedKVLinear(nn.Module):
         self.rows = slice(kv_head * head_dim, (kv_head + 1) * head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_region(x, self.group)
-        else:
-            x = copy_to_tp_region(x, self.group)
         return F.linear(x, self.weight[self.rows])
 
 
@@ -150,8 +150,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, vocab_start, group):
         ctx.dtype = logits.dtype
         logits = logits.float()
-        local_max = logits.max(dim=-1).values
-        global_max = all_reduce(local_max.clone(), group, dist.ReduceOp.MAX)
+        global_max = all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
         shifted = logits - global_max.unsqueeze(-1)
         local = labels - vocab_start
         outside = (local < 0) | (local >= logits.shape[-1])
@@ -187,29 +186,34 @@ def parallelize_llama(model: nn.Module, tp_group: Group, sequence_parallel: bool
     if tp == 1:
         return model
     args = model.args
-    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp_group,
-                                                  sequence_parallel)
+    sp = sequence_parallel
+    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp_group, sp)
+
+    def enter_region_once(module: nn.Module, inputs: tuple) -> tuple:
+        # q, k and v (w1 and w3) read one input: one collective for all of them.
+        return (enter_tp_region(inputs[0], tp_group, sp), *inputs[1:])
+
     for layer in model.layers.values():
         attn, ffn = layer.attention, layer.feed_forward
-        attn.wq = ColumnParallelLinear(attn.wq, tp_group, sequence_parallel)
+        attn.register_forward_pre_hook(enter_region_once)
+        attn.wq = ColumnParallelLinear(attn.wq, tp_group, sp, shared_input=True)
         if tp <= args.kv_heads:
-            attn.wk = ColumnParallelLinear(attn.wk, tp_group, sequence_parallel)
-            attn.wv = ColumnParallelLinear(attn.wv, tp_group, sequence_parallel)
+            attn.wk = ColumnParallelLinear(attn.wk, tp_group, sp, shared_input=True)
+            attn.wv = ColumnParallelLinear(attn.wv, tp_group, sp, shared_input=True)
         else:
-            attn.wk = ReplicatedKVLinear(attn.wk, tp_group, sequence_parallel, args.kv_heads,
-                                         args.head_dim)
-            attn.wv = ReplicatedKVLinear(attn.wv, tp_group, sequence_parallel, args.kv_heads,
-                                         args.head_dim)
-        attn.wo = RowParallelLinear(attn.wo, tp_group, sequence_parallel)
-        ffn.w1 = ColumnParallelLinear(ffn.w1, tp_group, sequence_parallel)
-        ffn.w3 = ColumnParallelLinear(ffn.w3, tp_group, sequence_parallel)
-        ffn.w2 = RowParallelLinear(ffn.w2, tp_group, sequence_parallel)
+            attn.wk = ReplicatedKVLinear(attn.wk, tp_group, args.kv_heads, args.head_dim)
+            attn.wv = ReplicatedKVLinear(attn.wv, tp_group, args.kv_heads, args.head_dim)
+        attn.wo = RowParallelLinear(attn.wo, tp_group, sp)
+        ffn.register_forward_pre_hook(enter_region_once)
+        ffn.w1 = ColumnParallelLinear(ffn.w1, tp_group, sp, shared_input=True)
+        ffn.w3 = ColumnParallelLinear(ffn.w3, tp_group, sp, shared_input=True)
+        ffn.w2 = RowParallelLinear(ffn.w2, tp_group, sp)
         if sequence_parallel:
             layer.attention_norm.weight.tp_grad_reduce = True
             layer.ffn_norm.weight.tp_grad_reduce = True
     if sequence_parallel:
         model.norm.weight.tp_grad_reduce = True
-    model.output = ColumnParallelLinear(model.output, tp_group, sequence_parallel)
+    model.output = ColumnParallelLinear(model.output, tp_group, sp)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model

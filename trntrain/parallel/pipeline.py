@@ -1,0 +1,234 @@
+"""Pipeline parallelism: layers cut into chunks, a static timetable, two transports.
+
+Rank s of the pp group holds the chunks s, s + p, ... (virtual pipeline stages).
+Each tick of the timetable (`pipeline_schedule.py`) runs at most one forward or
+backward of one chunk on one micro-batch, then exchanges the activations and
+gradients that crossed to a neighbouring stage:
+
+- `isend`: batched isend/irecv between the two ranks;
+- `allgather`: an all-gather over the 2-rank group of the neighbouring stages,
+  each rank contributing what it sends (or zeros), both directions in one
+  collective. torch-xla has no usable send/recv; this is how pipelines run there.
+
+Shapes are static (micro-batch, sequence or its tp shard, hidden), known ahead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trntrain.parallel.comm import COMM_STATS, Group
+from trntrain.parallel.pipeline_schedule import (
+    Action,
+    Transfer,
+    forward_only_actions,
+    pair_of,
+    rank_actions,
+    timetable,
+)
+
+TRANSPORTS = ("auto", "isend", "allgather")
+
+
+def layer_costs(n_layers: int, dim: int, kv_dim: int, ffn: int, seq_len: int) -> list[float]:
+    """Forward FLOPs per token of each transformer layer (all equal for Llama)."""
+    attention = 2 * dim * (2 * dim + 2 * kv_dim) + 4 * seq_len * dim
+    return [attention + 6 * dim * ffn] * n_layers
+
+
+def partition_layers(costs: list[float], chunks: int, head_cost: float) -> list[range]:
+    """Contiguous layer ranges, one per chunk, minimising the most expensive chunk;
+    the last chunk also runs the output head (`head_cost`)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the least possible maximum cost of splitting layers[:i] into k chunks.
+    best = [[inf] * (n + 1) for _ in range(chunks + 1)]
+    cut = [[0] * (n + 1) for _ in range(chunks + 1)]
+    best[0][0] = 0.0
+    for k in range(1, chunks + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                cost = prefix[i] - prefix[j] + (head_cost if k == chunks and i == n else 0.0)
+                value = max(best[k - 1][j], cost)
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    bounds, i = [], n
+    for k in range(chunks, 0, -1):
+        bounds.append(range(cut[k][i], i))
+        i = cut[k][i]
+    return bounds[::-1]
+
+
+def keep_chunk(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
+    """Reduce a full (meta-device) Llama to one pipeline chunk, in place."""
+    model.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
+    if not first:
+        model.tok_embeddings = None
+    if not last:
+        model.norm = None
+        model.output = None
+    return model
+
+
+@dataclass
+class PipelineGroups:
+    """This rank's pipeline coordinates and the groups of its neighbouring-stage pairs."""
+
+    stages: int
+    stage: int
+    # (lower pp rank, upper pp rank) -> the 2-rank group over this (dp, tp) coordinate.
+    pairs: dict[tuple[int, int], Group]
+    # pp rank -> global rank, for this (dp, tp) coordinate.
+    global_ranks: list[int]
+
+
+class Transport:
+    def __init__(self, groups: PipelineGroups, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.groups = groups
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+
+    def exchange(self, transfers: list[Transfer], outgoing: dict[Transfer, torch.Tensor]
+                 ) -> dict[Transfer, torch.Tensor]:
+        """Send `outgoing` (this rank's sends of this tick); return what arrives here."""
+        raise NotImplementedError
+
+
+class IsendTransport(Transport):
+    def exchange(self, transfers, outgoing):
+        me = self.groups.stage
+        ops, received = [], {}
+        for t in transfers:
+            if t.src == me:
+                COMM_STATS.record("pp_send", outgoing[t])
+                ops.append(dist.P2POp(dist.isend, outgoing[t].contiguous(),
+                                      self.groups.global_ranks[t.dst]))
+            elif t.dst == me:
+                buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, buffer, self.groups.global_ranks[t.src]))
+                received[t] = buffer
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return received
+
+
+class AllGatherTransport(Transport):
+    def exchange(self, transfers, outgoing):
+        me = self.groups.stage
+        received = {}
+        by_pair: dict[tuple[int, int], list[Transfer]] = {}
+        for t in transfers:
+            if me in (t.src, t.dst):
+                by_pair.setdefault(pair_of(t, self.groups.stages), []).append(t)
+        for pair, pair_transfers in by_pair.items():
+            send = next((t for t in pair_transfers if t.src == me), None)
+            recv = next((t for t in pair_transfers if t.dst == me), None)
+            mine = (outgoing[send].contiguous() if send is not None
+                    else torch.zeros(self.shape, dtype=self.dtype, device=self.device))
+            out = torch.empty((2, *self.shape), dtype=self.dtype, device=self.device)
+            COMM_STATS.record("pp_allgather", out)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather(out, mine.unsqueeze(0), group=self.groups.pairs[pair])
+            if recv is not None:
+                # Slots follow the group's rank order: the lower global rank first.
+                peer = recv.src
+                slot = int(self.groups.global_ranks[peer] > self.groups.global_ranks[me])
+                received[recv] = out[slot]
+        return received
+
+
+def build_transport(name: str, groups: PipelineGroups, shape: tuple[int, ...],
+                    dtype: torch.dtype, device: torch.device) -> Transport:
+    cls = {"isend": IsendTransport, "allgather": AllGatherTransport}[name]
+    return cls(groups, shape, dtype, device)
+
+
+class PipelineRunner:
+    """Runs one optimizer step's micro-batches through this rank's chunks."""
+
+    def __init__(self, chunks: dict[int, nn.Module], groups: PipelineGroups, schedule: str,
+                 virtual: int, microbatches: int, transport: Transport,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.chunks = chunks
+        self.groups = groups
+        self.last_chunk = groups.stages * virtual - 1
+        self.microbatches = microbatches
+        self.transport = transport
+        self.loss_fn = loss_fn
+        self.autocast = autocast
+        p, v, m = groups.stages, virtual, microbatches
+        self.train_table = timetable([rank_actions(schedule, p, v, m, r) for r in range(p)], p, v)
+        self.eval_table = timetable([forward_only_actions(p, v, m, r) for r in range(p)], p, v)
+        # Largest number of micro-batches whose forward ran and backward did not yet,
+        # as measured in the last step (the activation memory the schedule holds).
+        self.max_in_flight = 0
+
+    def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+                         ) -> torch.Tensor:
+        """Gradients of the mean loss over the micro-batches; returns that loss on the
+        last stage and zero elsewhere."""
+        return self._run(self.train_table, micro_batches, backward=True)
+
+    @torch.no_grad()
+    def forward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        return self._run(self.eval_table, micro_batches, backward=False)
+
+    def _run(self, table, micro_batches, backward: bool) -> torch.Tensor:
+        me = self.groups.stage
+        m = len(micro_batches)
+        device = micro_batches[0][0].device
+        loss_sum = torch.zeros((), device=device)
+        inputs: dict[tuple[int, int], torch.Tensor] = {}
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        arrived: dict[tuple[str, int, int], torch.Tensor] = {}
+        in_flight = self.max_in_flight = 0
+        for tick in range(table.ticks):
+            action: Action | None = table.actions[me][tick]
+            outgoing: dict[Transfer, torch.Tensor] = {}
+            if action is not None:
+                key = (action.chunk, action.microbatch)
+                tokens, labels = micro_batches[action.microbatch]
+                if action.kind == "F":
+                    if action.chunk == 0:
+                        x = tokens
+                    else:
+                        x = arrived.pop(("F", action.chunk - 1, action.microbatch))
+                        x.requires_grad_(backward)
+                    with self.autocast():
+                        y = self.chunks[action.chunk](x)
+                        if action.chunk == self.last_chunk:
+                            y = self.loss_fn(y, labels) / m
+                            loss_sum = loss_sum + y.detach()
+                    if backward:
+                        inputs[key], outputs[key] = x, y
+                        in_flight += 1
+                        self.max_in_flight = max(self.max_in_flight, in_flight)
+                    value = y.detach()
+                else:
+                    x, y = inputs.pop(key), outputs.pop(key)
+                    if action.chunk == self.last_chunk:
+                        y.backward()
+                    else:
+                        y.backward(arrived.pop(("B", action.chunk + 1, action.microbatch)))
+                    in_flight -= 1
+                    value = x.grad if action.chunk > 0 else None
+                for t in table.transfers[tick]:
+                    if t.src == me and (t.kind, t.chunk, t.microbatch) == (
+                            action.kind, action.chunk, action.microbatch):
+                        outgoing[t] = value
+            for t, tensor in self.transport.exchange(table.transfers[tick], outgoing).items():
+                arrived[(t.kind, t.chunk, t.microbatch)] = tensor
+        return loss_sum
