@@ -9,9 +9,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, optim_cfg: DictConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], optim_cfg: DictConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (norm gains are left undecayed)."""
-    params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch import nn
 from tqdm import tqdm
 
 from trntrain.backend import Backend, build_backend
@@ -24,9 +25,17 @@ from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World
 from trntrain.metrics import MetricsLogger
-from trntrain.models import build_model, count_parameters, materialize
+from trntrain.models import build_model, materialize
 from trntrain.optim import build_lr_scheduler, build_optimizer, lr_factor
 from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh, clip_grad_norm_
+from trntrain.parallel.pipeline import (
+    PipelineGroups,
+    PipelineRunner,
+    build_transport,
+    keep_chunk,
+    layer_costs,
+    partition_layers,
+)
 from trntrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 
 logger = logging.getLogger("trntrain")
@@ -37,12 +46,32 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
-def build_loss_fn(model: torch.nn.Module, mesh: Mesh) -> Callable:
+def build_loss_fn(last_chunk: nn.Module | None, mesh: Mesh) -> Callable:
     """Cross-entropy on full logits, or on this rank's vocabulary slice under tp."""
-    if mesh.tp_group is None:
+    if mesh.tp_group is None or last_chunk is None:
         return causal_lm_loss
     return lambda logits, labels: vocab_parallel_cross_entropy(
-        logits, labels, model.output.start, mesh.tp_group)
+        logits, labels, last_chunk.output.start, mesh.tp_group)
+
+
+def build_model_chunks(cfg: DictConfig, mesh: Mesh, device: torch.device
+                       ) -> dict[int, nn.Module]:
+    """This rank's model chunks by global chunk index: the whole model without
+    pipelining, else chunks stage, stage + pp, ... of the pp * virtual_pp chunks."""
+    p, v, m = cfg.parallel.pp, cfg.parallel.virtual_pp, cfg.model
+    if p == 1:
+        v = 1
+    kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
+    costs = layer_costs(m.n_layers, m.dim, kv_dim, m.ffn_hidden_dim, cfg.train.seq_len)
+    bounds = partition_layers(costs, p * v, head_cost=2 * m.dim * m.vocab_size)
+    chunks = {}
+    for local in range(v):
+        index = local * p + mesh.pp_rank
+        with torch.device("meta"):
+            model = build_model(m, mesh.tp_group, cfg.parallel.sequence_parallel)
+        keep_chunk(model, bounds[index], first=index == 0, last=index == p * v - 1)
+        chunks[index] = materialize(model, device, cfg.train.seed)
+    return chunks
 
 
 class Trainer:
@@ -57,22 +86,35 @@ class Trainer:
                             data_parallel_size(cfg, world.world_size))
         self.mesh: Mesh = build_mesh(dims, world.rank)
 
-        with torch.device("meta"):
-            model = build_model(cfg.model, self.mesh.tp_group, cfg.parallel.sequence_parallel)
-        self.model = self.backend.prepare_model(
-            materialize(model, self.backend.device, cfg.train.seed))
-        self.loss_fn = build_loss_fn(self.model, self.mesh)
-        self.num_params = count_parameters(self.model)
+        chunks = build_model_chunks(cfg, self.mesh, self.backend.device)
+        self.chunks = {i: self.backend.prepare_model(c) for i, c in chunks.items()}
+        last = self.chunks.get(dims.pp * max(cfg.parallel.virtual_pp, 1) - 1
+                               if dims.pp > 1 else 0)
+        self.loss_fn = build_loss_fn(last, self.mesh)
+        self.params = list({id(p): p for c in self.chunks.values() for p in c.parameters()
+                            if p.requires_grad}.values())
+        self.num_params = sum(p.numel() for p in self.params)
 
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.params, cfg.optim)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         bucket_mb = cfg.parallel.bucket_mb
         self.tp_grad_reducer = GradientReducer(
             [p for p in self.params if getattr(p, "tp_grad_reduce", False)], self.mesh.tp_group,
             bucket_mb, average=False)
         self.dp_grad_reducer = GradientReducer(self.params, self.mesh.dp_group, bucket_mb,
                                                average=True)
+        # Embedding and head tied across the first and last stage: their gradients add up,
+        # and the norm counts the pair once (on the first stage).
+        tied = []
+        if dims.pp > 1 and cfg.model.tie_embeddings:
+            for chunk in self.chunks.values():
+                if chunk.tok_embeddings is not None:
+                    tied.append(chunk.tok_embeddings.weight)
+                if chunk.output is not None:
+                    chunk.output.weight.pp_duplicate = True
+                    tied.append(chunk.output.weight)
+        self.tied_grad_reducer = GradientReducer(tied, self.mesh.embedding_group, bucket_mb,
+                                                 average=False)
 
         t = cfg.train
         self.micro_batch_size = micro_batch_size(cfg, world.world_size)
@@ -85,13 +127,38 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * t.seq_len
         # neuron_parallel_compile only needs each graph traced once.
         self.max_steps = min(t.max_steps, self.backend.step_limit() or t.max_steps)
+        self.pipeline = self.build_pipeline() if dims.pp > 1 else None
+
+    def build_pipeline(self) -> PipelineRunner:
+        cfg, dims = self.cfg, self.mesh.dims
+        transport = cfg.parallel.pp_transport
+        if transport == "auto":
+            transport = "allgather" if self.backend.dist_backend == "xla" else "isend"
+        seq = cfg.train.seq_len // (dims.tp if cfg.parallel.sequence_parallel else 1)
+        groups = PipelineGroups(
+            dims.pp, self.mesh.pp_rank, self.mesh.pp_pairs,
+            [dims.rank_of(s, self.mesh.dp_rank, self.mesh.tp_rank) for s in range(dims.pp)])
+        shape = (self.micro_batch_size, seq, cfg.model.dim)
+        return PipelineRunner(
+            self.chunks, groups, cfg.parallel.schedule, cfg.parallel.virtual_pp,
+            self.train_batches.accumulation_steps,
+            build_transport(transport, groups, shape, self.params[0].dtype, self.backend.device),
+            self.loss_fn, lambda: self.backend.autocast(cfg.train.precision))
+
+    @property
+    def model(self) -> nn.Module:
+        """The model, when this rank holds it whole (no pipeline)."""
+        if len(self.chunks) != 1 or 0 not in self.chunks:
+            raise AttributeError("this rank holds pipeline chunks: see Trainer.chunks")
+        return self.chunks[0]
 
     # -- the step ---------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over this rank's micro-batches: (mean loss, gradient norm)."""
         mean_loss = self.forward_backward(micro_batches)
-        grad_norm = clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm, self.mesh.tp_group)
+        grad_norm = clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm, self.mesh.tp_group,
+                                    self.mesh.pp_group)
         self.backend.optimizer_step(self.optimizer)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -99,38 +166,51 @@ class Trainer:
         return mean_loss, grad_norm
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
-        """Accumulate the gradient of the mean loss, reduced over tp and dp; returns the loss."""
-        accumulation = len(micro_batches)
-        loss_sum = torch.zeros((), device=self.backend.device)
-        for inputs, labels in micro_batches:
-            with self.backend.autocast(self.cfg.train.precision):
-                loss = self.loss_fn(self.model(inputs), labels)
-            (loss / accumulation).backward()
-            loss_sum += loss.detach()
+        """Accumulate the gradient of the mean loss, reduced over tp, tied stages and dp.
+
+        Returns the mean loss (under pipelining: on the last stage, zero elsewhere)."""
+        if self.pipeline is not None:
+            mean_loss = self.pipeline.forward_backward(micro_batches)
+        else:
+            accumulation = len(micro_batches)
+            loss_sum = torch.zeros((), device=self.backend.device)
+            for inputs, labels in micro_batches:
+                with self.backend.autocast(self.cfg.train.precision):
+                    loss = self.loss_fn(self.model(inputs), labels)
+                (loss / accumulation).backward()
+                loss_sum += loss.detach()
+            mean_loss = loss_sum / accumulation
         self.tp_grad_reducer.reduce()
+        self.tied_grad_reducer.reduce()
         self.dp_grad_reducer.reduce()
-        return loss_sum / accumulation
+        return mean_loss
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first train.eval_batches global batches of the validation split."""
-        self.model.eval()
+        for chunk in self.chunks.values():
+            chunk.eval()
         total = torch.zeros((), device=self.backend.device)
-        count = 0
         batches = self.val_batches.steps(0, self.cfg.train.eval_batches)
         for micro_batches in self.backend.batches(batches):
-            for inputs, labels in micro_batches:
-                with self.backend.autocast(self.cfg.train.precision):
-                    total += self.loss_fn(self.model(inputs), labels)
-                count += 1
+            if self.pipeline is not None:
+                total += self.pipeline.forward(micro_batches)
+            else:
+                for inputs, labels in micro_batches:
+                    with self.backend.autocast(self.cfg.train.precision):
+                        total += self.loss_fn(self.model(inputs), labels) / len(micro_batches)
             # One small graph per batch, the same each time, rather than one per evaluation.
             self.backend.step_boundary()
-        self.model.train()
-        return self.mean_over_dp(total / count)
+        for chunk in self.chunks.values():
+            chunk.train()
+        return self.reduce_loss(total / self.cfg.train.eval_batches)
 
-    def mean_over_dp(self, value: torch.Tensor) -> float:
+    def reduce_loss(self, value: torch.Tensor) -> float:
+        """The loss of the whole pipeline (held by the last stage), averaged over dp."""
+        value = value.clone()
+        if self.mesh.pp_group is not None:
+            dist.all_reduce(value, group=self.mesh.pp_group)
         if self.mesh.dp_group is not None:
-            value = value.clone()
             dist.all_reduce(value, group=self.mesh.dp_group)
             value /= self.mesh.dims.dp
         return value.item()
@@ -152,11 +232,11 @@ class Trainer:
         jsonl = self.run_dir / "metrics.jsonl" if is_main and self.run_dir is not None else None
         metrics = MetricsLogger(jsonl, console=is_main, max_steps=self.max_steps)
         logger.info(
-            "model %s: %.2f M parameters on this rank | %s backend | tp=%d%s dp=%d | "
+            "model %s: %.2f M parameters on this rank | %s backend | tp=%d%s pp=%d dp=%d | "
             "%d micro-batches of %d x %d tokens per step | %.1f M train tokens",
             self.cfg.model.name, self.num_params / 1e6, self.backend.name, self.mesh.dims.tp,
             " (sequence parallel)" if self.cfg.parallel.sequence_parallel else "",
-            self.mesh.dims.dp,
+            self.mesh.dims.pp, self.mesh.dims.dp,
             self.train_batches.accumulation_steps, self.micro_batch_size, t.seq_len,
             self.data.num_tokens("train") / 1e6,
         )
@@ -176,7 +256,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,
-                    "loss": self.mean_over_dp(loss),
+                    "loss": self.reduce_loss(loss),
                     "lr": self.cfg.optim.lr * lr_factor(step - 1, self.cfg.optim, t.max_steps),
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": window_steps * self.tokens_per_step / elapsed,

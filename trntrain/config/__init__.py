@@ -11,6 +11,7 @@ from trntrain.config.validate import (
     ConfigError,
     data_parallel_size,
     micro_batch_size,
+    microbatches,
     validate,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "config_dir",
     "data_parallel_size",
     "micro_batch_size",
+    "microbatches",
     "register_configs",
     "validate",
 ]

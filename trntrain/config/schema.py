@@ -60,6 +60,14 @@ class ParallelConfig:
     # Shard norms and residual activations along the sequence over the tp group
     # (all-gather / reduce-scatter instead of all-reduce).
     sequence_parallel: bool = False
+    # Pipeline: model chunks per pp rank (interleaving), the schedule, the micro-batches
+    # per step (None: global batch / (dp * train.micro_batch_size)), the transport.
+    virtual_pp: int = 1
+    # gpipe | 1f1b | interleaved_1f1b
+    schedule: str = "1f1b"
+    microbatches: int | None = None
+    # auto (allgather on XLA, isend elsewhere) | isend | allgather
+    pp_transport: str = "auto"
     # Gradients are all-reduced over dp in flat buckets of about this size.
     bucket_mb: float = 25.0
 

@@ -45,10 +45,18 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
 
 
 def micro_batch_size(cfg: DictConfig, world_size: int) -> int:
-    """train.micro_batch_size, or the whole per-rank share of the global batch when unset."""
+    """train.micro_batch_size; unset, the per-rank share of the global batch split into
+    parallel.microbatches (default 1)."""
     if cfg.train.micro_batch_size is not None:
         return cfg.train.micro_batch_size
-    return max(cfg.train.global_batch_size // data_parallel_size(cfg, world_size), 1)
+    share = cfg.train.global_batch_size // data_parallel_size(cfg, world_size)
+    return max(share // (cfg.parallel.microbatches or 1), 1)
+
+
+def microbatches(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each data-parallel rank."""
+    per_step = micro_batch_size(cfg, world_size) * data_parallel_size(cfg, world_size)
+    return max(cfg.train.global_batch_size // per_step, 1)
 
 
 def validate(cfg: DictConfig, world_size: int) -> None:
@@ -128,8 +136,8 @@ def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
     p = cfg.parallel
     _positive(p, "parallel", "tp", "pp")
     require(p.dp is None or p.dp > 0, "parallel.dp", p.dp, "null (derived) or a positive integer")
-    require(p.pp == 1, "parallel.pp", p.pp, "1", "pipeline parallelism is not available yet;")
     _validate_tensor_parallel(cfg)
+    _validate_pipeline(cfg, world_size)
     dp = data_parallel_size(cfg, world_size)
     require(
         p.tp * p.pp * dp == world_size, "parallel.dp" if p.dp is not None else "parallel.tp",
@@ -161,6 +169,41 @@ def _validate_tensor_parallel(cfg: DictConfig) -> None:
         require(cfg.train.seq_len % tp == 0, "train.seq_len", cfg.train.seq_len,
                 f"a multiple of parallel.tp={tp}",
                 "sequence parallelism splits each sequence evenly over the tp group;")
+
+
+def _validate_pipeline(cfg: DictConfig, world_size: int) -> None:
+    from trntrain.parallel.pipeline import TRANSPORTS
+    from trntrain.parallel.pipeline_schedule import SCHEDULES
+
+    p = cfg.parallel
+    require(p.virtual_pp > 0, "parallel.virtual_pp", p.virtual_pp, "a positive integer")
+    require(p.schedule in SCHEDULES, "parallel.schedule", p.schedule, f"one of {SCHEDULES}")
+    require(p.pp_transport in TRANSPORTS, "parallel.pp_transport", p.pp_transport,
+            f"one of {TRANSPORTS}")
+    require(p.microbatches is None or p.microbatches > 0, "parallel.microbatches",
+            p.microbatches, "null (derived) or a positive integer")
+    if p.microbatches is not None and cfg.train.micro_batch_size is not None:
+        dp = data_parallel_size(cfg, world_size)
+        need = cfg.train.micro_batch_size * dp * p.microbatches
+        require(need == cfg.train.global_batch_size, "parallel.microbatches", p.microbatches,
+                f"train.global_batch_size / (train.micro_batch_size x dp) = "
+                f"{cfg.train.global_batch_size / (cfg.train.micro_batch_size * dp):g}, or null",
+                "micro-batches, their size and dp make up the global batch;")
+    chunks = p.pp * p.virtual_pp
+    require(chunks <= cfg.model.n_layers, "parallel.pp", p.pp,
+            f"at most model.n_layers={cfg.model.n_layers} stages in all (pp x virtual_pp)",
+            f"pp x virtual_pp = {chunks} chunks cannot each hold a layer;")
+    if p.schedule == "interleaved_1f1b":
+        require(p.virtual_pp >= 2, "parallel.virtual_pp", p.virtual_pp, "2 or more",
+                "the interleaved schedule runs several chunks per rank;")
+        if p.pp > 1:
+            m = microbatches(cfg, world_size)
+            require(m % p.pp == 0, "parallel.microbatches", m,
+                    f"a multiple of parallel.pp={p.pp}",
+                    "the interleaved schedule sends micro-batches through in groups of pp;")
+    else:
+        require(p.virtual_pp == 1, "parallel.virtual_pp", p.virtual_pp,
+                "1 for gpipe and 1f1b (interleaved_1f1b for more)")
 
 
 def _validate_train(cfg: DictConfig, world_size: int) -> None:

@@ -73,17 +73,20 @@ def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, tp_group: Group
-                    ) -> torch.Tensor:
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, tp_group: Group,
+                    pp_group: Group = None) -> torch.Tensor:
     """Scale gradients so that their global norm is at most `max_norm` (0: only measure).
 
     Returns the norm before clipping, identical on every rank, as a device tensor.
+    Stages add their parts; a tied head (`pp_duplicate`) is counted on the first stage.
     """
     with_grad = [p for p in params if p.grad is not None]
+    counted = [p for p in with_grad if not getattr(p, "pp_duplicate", False)]
     device = with_grad[0].grad.device
-    sharded = _norm([p.grad for p in with_grad if is_tp_sharded(p)], device)
-    replicated = _norm([p.grad for p in with_grad if not is_tp_sharded(p)], device)
-    total = (all_reduce(sharded.pow(2), tp_group) + replicated.pow(2)).sqrt()
+    sharded = _norm([p.grad for p in counted if is_tp_sharded(p)], device)
+    replicated = _norm([p.grad for p in counted if not is_tp_sharded(p)], device)
+    squares = all_reduce(sharded.pow(2), tp_group) + replicated.pow(2)
+    total = all_reduce(squares, pp_group).sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
     return total

@@ -6,7 +6,7 @@ contiguous ranks (one node's NeuronLink), and pp spans nodes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -52,6 +52,11 @@ class Mesh:
     tp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
     pp_group: dist.ProcessGroup | None
+    # Pipeline: (lower pp rank, upper pp rank) of neighbouring stages -> their 2-rank
+    # group at this (dp, tp) coordinate; the wrap-around pair is (pp - 1, 0).
+    pp_pairs: dict[tuple[int, int], dist.ProcessGroup] = field(default_factory=dict)
+    # First and last pipeline stage at this (dp, tp) coordinate: tied embeddings.
+    embedding_group: dist.ProcessGroup | None = None
 
     @property
     def pp_rank(self) -> int:
@@ -78,4 +83,18 @@ def build_mesh(dims: ParallelDims, rank: int) -> Mesh:
             if rank in ranks:
                 mine = group
         groups[axis] = mine
-    return Mesh(dims, rank, groups["tp"], groups["dp"], groups["pp"])
+    mesh = Mesh(dims, rank, groups["tp"], groups["dp"], groups["pp"])
+    if dims.pp > 1:
+        pairs = [(s, s + 1) for s in range(dims.pp - 1)]
+        if dims.pp > 2:
+            pairs.append((dims.pp - 1, 0))
+        for d in range(dims.dp):
+            for t in range(dims.tp):
+                for a, b in pairs:
+                    ranks = [dims.rank_of(a, d, t), dims.rank_of(b, d, t)]
+                    group = dist.new_group(sorted(ranks))
+                    if rank in ranks:
+                        mesh.pp_pairs[(a, b)] = group
+                        if {a, b} == {0, dims.pp - 1}:
+                            mesh.embedding_group = group
+    return mesh

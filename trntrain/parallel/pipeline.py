@@ -194,7 +194,9 @@ class PipelineRunner:
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         arrived: dict[tuple[str, int, int], torch.Tensor] = {}
-        in_flight = self.max_in_flight = 0
+        in_flight = 0
+        if backward:
+            self.max_in_flight = 0
         for tick in range(table.ticks):
             action: Action | None = table.actions[me][tick]
             outgoing: dict[Transfer, torch.Tensor] = {}
