@@ -16,6 +16,7 @@ Shapes are static (micro-batch, sequence or its tp shard, hidden), known ahead.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -175,6 +176,10 @@ class PipelineRunner:
         # Largest number of micro-batches whose forward ran and backward did not yet,
         # as measured in the last step (the activation memory the schedule holds).
         self.max_in_flight = 0
+        # Host seconds of the last step spent in forward/backward and in all (the rest
+        # is waiting for neighbours and transfers: the measured bubble).
+        self.compute_s = 0.0
+        self.step_s = 0.0
 
     def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
                          ) -> torch.Tensor:
@@ -197,10 +202,12 @@ class PipelineRunner:
         in_flight = 0
         if backward:
             self.max_in_flight = 0
+        compute_s, start = 0.0, time.perf_counter()
         for tick in range(table.ticks):
             action: Action | None = table.actions[me][tick]
             outgoing: dict[Transfer, torch.Tensor] = {}
             if action is not None:
+                action_start = time.perf_counter()
                 key = (action.chunk, action.microbatch)
                 tokens, labels = micro_batches[action.microbatch]
                 if action.kind == "F":
@@ -231,6 +238,9 @@ class PipelineRunner:
                     if t.src == me and (t.kind, t.chunk, t.microbatch) == (
                             action.kind, action.chunk, action.microbatch):
                         outgoing[t] = value
+                compute_s += time.perf_counter() - action_start
             for t, tensor in self.transport.exchange(table.transfers[tick], outgoing).items():
                 arrived[(t.kind, t.chunk, t.microbatch)] = tensor
+        if backward:
+            self.compute_s, self.step_s = compute_s, time.perf_counter() - start
         return loss_sum
