@@ -91,6 +91,21 @@ def test_torchrun_tensor_parallel_with_sequence_parallel(tmp_path):
     assert "tp=2 (sequence parallel) dp=1" in (tmp_path / "tp2" / "train.log").read_text()
 
 
+def test_torchrun_pipeline_reports_one_loss(tmp_path):
+    single = run([TRNTRAIN, "train", *SHORT, "train.micro_batch_size=2", "run.dir=single"],
+                 tmp_path)
+    assert single.returncode == 0, single.stderr
+    proc = run([TORCHRUN, "--nproc_per_node=2", "-m", "trntrain", "train", *SHORT,
+                "parallel.pp=2", "parallel.microbatches=4", "run.dir=pp2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    expected = records(tmp_path / "single")
+    got = records(tmp_path / "pp2")
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
+    assert [r["eval_loss"] for r in got if "eval_loss" in r] == pytest.approx(
+        [r["eval_loss"] for r in expected if "eval_loss" in r], rel=1e-5)
+    assert "pp=2 dp=1 | 4 micro-batches of 2" in (tmp_path / "pp2" / "train.log").read_text()
+
+
 def test_multirun_sweep_writes_one_dir_per_job(tmp_path):
     proc = run([TRNTRAIN, "train", "-m", *SHORT, "optim.lr=1e-3,3e-3"], tmp_path)
     assert proc.returncode == 0, proc.stderr
