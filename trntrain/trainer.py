@@ -28,6 +28,7 @@ from trntrain.metrics import MetricsLogger
 from trntrain.models import build_model, materialize
 from trntrain.optim import build_lr_scheduler, build_optimizer, lr_factor
 from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh, clip_grad_norm_
+from trntrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from trntrain.parallel.pipeline import (
     PipelineGroups,
     PipelineRunner,
@@ -37,6 +38,7 @@ from trntrain.parallel.pipeline import (
     partition_layers,
 )
 from trntrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
+from trntrain.parallel.zero import ShardedOptimizer
 
 logger = logging.getLogger("trntrain")
 
@@ -70,6 +72,7 @@ def build_model_chunks(cfg: DictConfig, mesh: Mesh, device: torch.device
         with torch.device("meta"):
             model = build_model(m, mesh.tp_group, cfg.parallel.sequence_parallel)
         keep_chunk(model, bounds[index], first=index == 0, last=index == p * v - 1)
+        apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
         chunks[index] = materialize(model, device, cfg.train.seed)
     return chunks
 
@@ -95,7 +98,18 @@ class Trainer:
                             if p.requires_grad}.values())
         self.num_params = sum(p.numel() for p in self.params)
 
-        self.optimizer = build_optimizer(self.params, cfg.optim)
+        # ZeRO-1 and bf16 master weights step fp32 slices of flat buckets; they are taken
+        # from the fp32 initial weights, before the model itself is cast to bf16.
+        t = cfg.train
+        self.sharded = None
+        if cfg.parallel.zero1 or (t.precision == "bf16" and t.master_weights):
+            self.sharded = ShardedOptimizer(self.params, cfg.optim, self.mesh.dp_group,
+                                            cfg.parallel.bucket_mb)
+        if t.precision == "bf16":
+            for p in self.params:
+                p.data = p.data.to(torch.bfloat16)
+        self.optimizer = (self.sharded.optimizer if self.sharded is not None
+                          else build_optimizer(self.params, cfg.optim))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         bucket_mb = cfg.parallel.bucket_mb
         self.tp_grad_reducer = GradientReducer(
@@ -157,11 +171,16 @@ class Trainer:
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over this rank's micro-batches: (mean loss, gradient norm)."""
         mean_loss = self.forward_backward(micro_batches)
-        grad_norm = clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm, self.mesh.tp_group,
-                                    self.mesh.pp_group)
-        self.backend.optimizer_step(self.optimizer)
+        max_norm, mesh = self.cfg.optim.max_grad_norm, self.mesh
+        if self.sharded is not None:
+            grad_norm = self.sharded.clip_grad_norm_(max_norm, mesh.tp_group, mesh.pp_group)
+            self.backend.optimizer_step(self.sharded)
+            self.sharded.zero_grad()
+        else:
+            grad_norm = clip_grad_norm_(self.params, max_norm, mesh.tp_group, mesh.pp_group)
+            self.backend.optimizer_step(self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.backend.step_boundary()
         return mean_loss, grad_norm
 
@@ -182,7 +201,10 @@ class Trainer:
             mean_loss = loss_sum / accumulation
         self.tp_grad_reducer.reduce()
         self.tied_grad_reducer.reduce()
-        self.dp_grad_reducer.reduce()
+        if self.sharded is not None:
+            self.sharded.reduce_gradients()  # reduce-scatter over dp
+        else:
+            self.dp_grad_reducer.reduce()
         return mean_loss
 
     @torch.no_grad()

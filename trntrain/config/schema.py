@@ -60,6 +60,10 @@ class ParallelConfig:
     # Shard norms and residual activations along the sequence over the tp group
     # (all-gather / reduce-scatter instead of all-reduce).
     sequence_parallel: bool = False
+    # ZeRO-1: optimizer states and fp32 master weights sharded over dp.
+    zero1: bool = False
+    # none | full (every transformer block) | selective (the attention core)
+    activation_checkpointing: str = "none"
     # Pipeline: model chunks per pp rank (interleaving), the schedule, the micro-batches
     # per step (None: global batch / (dp * train.micro_batch_size)), the transport.
     virtual_pp: int = 1
@@ -82,8 +86,10 @@ class TrainConfig:
     micro_batch_size: int | None = None
     max_steps: int = 600
     seed: int = 1234
-    # fp32 | bf16_autocast
+    # fp32 | bf16 (bf16 weights and activations) | bf16_autocast (fp32 weights, bf16 matmuls)
     precision: str = "fp32"
+    # bf16: keep fp32 master weights in the optimizer (false: pure bf16, worse).
+    master_weights: bool = True
     eval_every: int = 100
     eval_batches: int = 8
 

@@ -14,7 +14,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from trntrain.errors import UserError
 
-PRECISIONS = ("fp32", "bf16_autocast")
+PRECISIONS = ("fp32", "bf16", "bf16_autocast")
 LR_DECAYS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
 BACKENDS = ("auto", "cpu", "cuda", "xla", "neuron")
@@ -147,6 +147,10 @@ def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
         f"{world_size} were started;",
     )
     require(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "a positive number of MiB")
+    from trntrain.parallel.activation_checkpointing import MODES
+
+    require(p.activation_checkpointing in MODES, "parallel.activation_checkpointing",
+            p.activation_checkpointing, f"one of {MODES}")
 
 
 def _validate_tensor_parallel(cfg: DictConfig) -> None:

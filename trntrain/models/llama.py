@@ -118,6 +118,10 @@ class Attention(nn.Module):
         k = k.view(bsz, seq, -1, self.head_dim)
         v = v.view(bsz, seq, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.wo(self.attend(q, k, v).reshape(bsz, seq, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention core, (batch, seq, heads, head_dim) in and out."""
         # Head counts come from the tensors: a tensor-parallel shard holds fewer heads.
         groups = q.shape[2] // k.shape[2]
         if groups > 1:
@@ -127,7 +131,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         )
-        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+        return out.transpose(1, 2)
 
 
 class FeedForward(nn.Module):

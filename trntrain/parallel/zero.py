@@ -1,0 +1,146 @@
+"""ZeRO-1 and fp32 master weights: AdamW on flat fp32 shards of the parameters.
+
+The trainable parameters are packed into flat buckets, each bucket homogeneous in
+what the optimizer and the gradient norm must know (weight decay or not, tp shard
+or tp replica, counted in the norm or a tied duplicate). Each data-parallel rank
+owns a contiguous 1/dp slice of every bucket and keeps, for that slice only, the
+fp32 master weights and AdamW's two moments. A step:
+
+1. reduce-scatter each bucket's gradients over dp (averaged, in fp32): every rank
+   receives the gradient of its slice;
+2. the global gradient norm from the slices (summed over dp, tp where sharded, pp);
+3. AdamW on the master slices;
+4. all-gather the updated slices over dp and copy them into the (fp32 or bf16)
+   parameters.
+
+Without a dp group (dp=1) nothing is sharded and this is plain fp32 master
+weights for bf16 training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from trntrain.parallel.comm import Group, all_gather_dim, all_reduce, group_rank, group_size
+from trntrain.parallel.comm import reduce_scatter_dim as reduce_scatter
+
+
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    decay: bool
+    tp_sharded: bool
+    counted: bool  # False for a tied head counted on the first pipeline stage
+    numel: int
+    padded: int  # numel rounded up to a multiple of dp
+    master: torch.Tensor  # this rank's fp32 slice, padded.numel() // dp elements
+
+
+def _category(p: nn.Parameter) -> tuple[bool, bool, bool, torch.dtype]:
+    return (p.ndim >= 2, hasattr(p, "tp_shard"), not getattr(p, "pp_duplicate", False),
+            p.dtype)
+
+
+class ShardedOptimizer:
+    """AdamW over fp32 master slices of flat parameter buckets, sharded over `dp_group`."""
+
+    def __init__(self, params: list[nn.Parameter], optim_cfg: DictConfig, dp_group: Group,
+                 bucket_mb: float) -> None:
+        self.dp_group = dp_group
+        self.dp = group_size(dp_group)
+        self.dp_rank = group_rank(dp_group)
+        limit = int(bucket_mb * 2**20) // 4
+        self.buckets: list[Bucket] = []
+        open_buckets: dict[tuple, list[nn.Parameter]] = {}
+        for p in params:
+            key = _category(p)
+            current = open_buckets.setdefault(key, [])
+            if current and sum(q.numel() for q in current) + p.numel() > limit:
+                self._add_bucket(current, key)
+                current = open_buckets[key] = []
+            current.append(p)
+        for key, current in open_buckets.items():
+            if current:
+                self._add_bucket(current, key)
+        groups = [
+            {"params": [b.master for b in self.buckets if b.decay],
+             "weight_decay": optim_cfg.weight_decay},
+            {"params": [b.master for b in self.buckets if not b.decay], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+            eps=optim_cfg.eps,
+        )
+
+    def _add_bucket(self, params: list[nn.Parameter], key: tuple) -> None:
+        decay, tp_sharded, counted, _ = key
+        numel = sum(p.numel() for p in params)
+        padded = -(-numel // self.dp) * self.dp
+        flat = torch.zeros(padded, dtype=torch.float32, device=params[0].device)
+        torch.cat([p.detach().reshape(-1).float() for p in params], out=flat[:numel])
+        master = flat.chunk(self.dp)[self.dp_rank].clone()
+        self.buckets.append(Bucket(params, decay, tp_sharded, counted, numel, padded, master))
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Each rank's slice of the dp-averaged gradient, in fp32, as its master's .grad."""
+        for b in self.buckets:
+            flat = torch.zeros(b.padded, dtype=torch.float32, device=b.master.device)
+            grads = [p.grad.reshape(-1).float() if p.grad is not None
+                     else torch.zeros(p.numel(), device=b.master.device) for p in b.params]
+            torch.cat(grads, out=flat[:b.numel])
+            if self.dp > 1:
+                flat.div_(self.dp)
+            b.master.grad = reduce_scatter(flat, 0, self.dp_group)
+            for p in b.params:
+                p.grad = None
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, tp_group: Group, pp_group: Group
+                        ) -> torch.Tensor:
+        """Global norm of the gradient, each parameter counted once; clip if max_norm > 0."""
+        device = self.buckets[0].master.device
+        sharded = torch.zeros((), device=device)
+        replicated = torch.zeros((), device=device)
+        for b in self.buckets:
+            if b.counted:
+                square = b.master.grad.pow(2).sum()
+                if b.tp_sharded:
+                    sharded = sharded + square
+                else:
+                    replicated = replicated + square
+        squares = all_reduce(all_reduce(sharded, tp_group), self.dp_group)
+        squares = squares + all_reduce(replicated, self.dp_group)
+        total = all_reduce(squares, pp_group).sqrt()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_([b.master for b in self.buckets], max_norm,
+                                                 total)
+        return total
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer.step()
+        for b in self.buckets:
+            flat = all_gather_dim(b.master, 0, self.dp_group)
+            offset = 0
+            for p in b.params:
+                p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for b in self.buckets:
+            b.master.grad = None
+            for p in b.params:
+                p.grad = None
+
+    def state_bytes(self) -> int:
+        """Bytes of the optimizer's state on this rank: master slices and AdamW moments."""
+        total = sum(b.master.numel() * b.master.element_size() for b in self.buckets)
+        for state in self.optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values()
+                         if isinstance(v, torch.Tensor) and v.ndim > 0)
+        return total
