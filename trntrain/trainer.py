@@ -25,6 +25,7 @@ from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World
 from trntrain.metrics import MetricsLogger
+from trntrain.metrics.memory import optimizer_state_bytes, static_memory
 from trntrain.models import build_model, materialize
 from trntrain.optim import build_lr_scheduler, build_optimizer, lr_factor
 from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh, clip_grad_norm_
@@ -166,6 +167,12 @@ class Trainer:
             raise AttributeError("this rank holds pipeline chunks: see Trainer.chunks")
         return self.chunks[0]
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Parameter, gradient and optimizer-state bytes on this rank."""
+        state = (self.sharded.state_bytes() if self.sharded is not None
+                 else optimizer_state_bytes(self.optimizer))
+        return static_memory(self.params, state)
+
     # -- the step ---------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,6 +295,7 @@ class Trainer:
                 if self.should_eval(step):
                     record["eval_loss"] = self.evaluate()
                 record.update(self.backend.metrics())
+                record.update({f"mem_{k}_gib": v / 2**30 for k, v in self.memory_bytes().items()})
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
                 metrics.log(record)
                 records.append(record)

@@ -1,0 +1,49 @@
+"""ZeRO-1 against unsharded AdamW in one process, and its memory per rank."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import tiny_config
+from trntrain.distributed import World
+from trntrain.trainer import Trainer
+
+STEPS = 10
+BASE = (f"train.max_steps={STEPS}", "train.eval_every=5", "train.micro_batch_size=2")
+
+
+def train(rank: int, world_size: int, overrides: tuple[str, ...]) -> dict:
+    trainer = Trainer(tiny_config(*BASE, *overrides), World(rank, world_size, rank))
+    records = trainer.fit()
+    return {"loss": [r["loss"] for r in records],
+            "eval_loss": [r["eval_loss"] for r in records if "eval_loss" in r],
+            "state_bytes": trainer.memory_bytes()["optimizer"],
+            "param_bytes": trainer.memory_bytes()["params"]}
+
+
+@pytest.fixture(scope="module")
+def unsharded():
+    result = train(0, 1, ())
+    # AdamW's two fp32 moments plus ZeRO's fp32 master copy: 3 x the parameters.
+    result["zero_total"] = 3 * result["param_bytes"]
+    return result
+
+
+@pytest.mark.parametrize(("world_size", "overrides", "dp"), [
+    (2, (), 2),
+    (4, (), 4),
+    (4, ("parallel.tp=2",), 2),
+    (4, ("parallel.pp=2",), 2),
+])
+def test_zero1_matches_unsharded_adamw(distributed, unsharded, world_size, overrides, dp):
+    results = distributed(train, world_size, ("parallel.zero1=true", *overrides))
+    for result in results:
+        assert result["loss"] == pytest.approx(unsharded["loss"], rel=1e-5)
+        assert result["eval_loss"] == pytest.approx(unsharded["eval_loss"], rel=1e-5)
+    for result in results:
+        # Each rank holds 1/dp of the state of its (tp, pp) slice of the model...
+        assert result["state_bytes"] == pytest.approx(3 * result["param_bytes"] / dp, rel=0.02)
+        if world_size == dp:
+            # ...which, without tp or pp, is 1/dp of the whole model's state.
+            assert result["state_bytes"] == pytest.approx(unsharded["zero_total"] / dp,
+                                                          rel=0.02)
