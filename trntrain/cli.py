@@ -21,6 +21,8 @@ USAGE = """usage: trntrain COMMAND [overrides ...]
 commands:
   train    train a model: trntrain train model=llama_tiny train.max_steps=100
            (Hydra overrides; -m for a sweep; torchrun -m trntrain train ... for several ranks)
+  convert  SRC DST [--to hf|dcp]: a run's checkpoint or a DCP checkpoint to a Hugging
+           Face directory, or back
   models   list the model sizes of conf/model with their parameter counts
 
 Run `trntrain train --help` for the config groups and keys."""
@@ -43,7 +45,11 @@ def train_task(cfg: DictConfig) -> None:
     try:
         validate(cfg, world.world_size)
         if cfg.run.dir:
-            check_run_dir(Path(cfg.run.dir), cfg.run.overwrite)
+            ck = cfg.checkpoint
+            resumable = ck.name == "dcp" and ck.resume != "never"
+            checkpoint_dir = Path(ck.dir) if ck.dir else Path(cfg.run.dir) / "checkpoints"
+            check_run_dir(Path(cfg.run.dir), cfg.run.overwrite,
+                          checkpoint_dir if resumable else None)
         backend = build_backend(cfg.backend, world.local_rank, cfg.train.precision)
     except UserError as err:
         # Every rank composed the same config: let one of them say what is wrong.
@@ -90,6 +96,25 @@ def check_overrides(overrides: list[str]) -> None:
         fail(explain(err) if world_from_env().is_main else None)
 
 
+def convert_command(argv: list[str]) -> None:
+    import argparse
+
+    from trntrain.checkpoint.convert import convert
+
+    parser = argparse.ArgumentParser(prog="trntrain convert", description=(
+        "Convert a run's latest checkpoint or a DCP checkpoint to a Hugging Face "
+        "directory, or a Hugging Face directory to a DCP checkpoint."))
+    parser.add_argument("src", type=Path, help="run directory, DCP checkpoint or HF directory")
+    parser.add_argument("dst", type=Path, help="new output directory")
+    parser.add_argument("--to", choices=("hf", "dcp"), help="target format (default: the other)")
+    args = parser.parse_args(argv)
+    try:
+        target = convert(args.src, args.dst, args.to)
+    except UserError as err:
+        fail(str(err))
+    print(f"wrote {target} checkpoint to {args.dst}")
+
+
 def run_hydra(task: Callable[[DictConfig], None], argv: list[str]) -> None:
     import hydra
 
@@ -113,8 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         run_hydra(train_task, rest)
     elif command == "models":
         models_command(rest)
+    elif command == "convert":
+        convert_command(rest)
     else:
-        fail(f"unknown command {command!r}; valid: train, models (see trntrain --help).")
+        fail(f"unknown command {command!r}; valid: train, convert, models (see trntrain --help).")
 
 
 if __name__ == "__main__":

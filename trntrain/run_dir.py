@@ -43,12 +43,14 @@ def agree_run_dir(cfg: DictConfig, world: World) -> Path:
     return Path(broadcast_object(str(chosen) if chosen is not None else None))
 
 
-def check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into the records of an old one."""
+def check_run_dir(run_dir: Path, overwrite: bool, checkpoint_dir: Path | None = None) -> None:
+    """Refuse to mix a new run into the records of an old one, unless it continues that
+    run from one of its checkpoints (`checkpoint_dir`: where a resumable run keeps them)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run.dir={str(run_dir)!r} is a file; valid: a new or empty directory.")
     metrics = run_dir / "metrics.jsonl"
-    if metrics.exists() and not overwrite:
+    resuming = checkpoint_dir is not None and (checkpoint_dir / "latest").is_file()
+    if metrics.exists() and not overwrite and not resuming:
         raise UserError(
             f"run.dir={str(run_dir)!r} already holds a run ({metrics} exists); valid: a new "
             f"directory, or run.overwrite=true to replace that run's logs."

@@ -21,6 +21,9 @@ from torch import nn
 from tqdm import tqdm
 
 from trntrain.backend import Backend, build_backend
+from trntrain.checkpoint import CHECKPOINTERS
+from trntrain.checkpoint.hf import load_hf_weights
+from trntrain.checkpoint.manager import CheckpointManager, verify_checksums
 from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World
@@ -91,6 +94,9 @@ class Trainer:
         self.mesh: Mesh = build_mesh(dims, world.rank)
 
         chunks = build_model_chunks(cfg, self.mesh, self.backend.device)
+        if cfg.checkpoint.init_from:
+            load_hf_weights(Path(cfg.checkpoint.init_from), chunks.values(),
+                            cfg.model.tie_embeddings)
         self.chunks = {i: self.backend.prepare_model(c) for i, c in chunks.items()}
         last = self.chunks.get(dims.pp * max(cfg.parallel.virtual_pp, 1) - 1
                                if dims.pp > 1 else 0)
@@ -143,6 +149,13 @@ class Trainer:
         # neuron_parallel_compile only needs each graph traced once.
         self.max_steps = min(t.max_steps, self.backend.step_limit() or t.max_steps)
         self.pipeline = self.build_pipeline() if dims.pp > 1 else None
+        self.checkpointer = CHECKPOINTERS[cfg.checkpoint.name]()
+        self.checkpoints = None
+        if run_dir is not None and cfg.checkpoint.name != "none":
+            directory = (Path(cfg.checkpoint.dir) if cfg.checkpoint.dir
+                         else run_dir / "checkpoints")
+            self.checkpoints = CheckpointManager(directory, cfg.checkpoint.every,
+                                                 cfg.checkpoint.keep, world.is_main)
 
     def build_pipeline(self) -> PipelineRunner:
         cfg, dims = self.cfg, self.mesh.dims
@@ -166,6 +179,39 @@ class Trainer:
         if len(self.chunks) != 1 or 0 not in self.chunks:
             raise AttributeError("this rank holds pipeline chunks: see Trainer.chunks")
         return self.chunks[0]
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> Path:
+        directory = self.checkpoints.begin(step)
+        self.checkpointer.save(directory, self, step)
+        return self.checkpoints.commit(step)
+
+    def load_checkpoint(self, directory: Path) -> int:
+        """Restore model, optimizer and schedule from `directory`; returns its step."""
+        step = self.checkpointer.load(directory, self)
+        self.lr_scheduler.last_epoch = step
+        for group, base in zip(self.optimizer.param_groups, self.lr_scheduler.base_lrs,
+                               strict=True):
+            group["lr"] = base * lr_factor(step, self.cfg.optim, self.cfg.train.max_steps)
+        return step
+
+    def resume_step(self) -> int:
+        """The step to start from: that of the checkpoint checkpoint.resume names, or 0."""
+        resume = self.cfg.checkpoint.resume
+        if self.checkpoints is None or not self.checkpointer.resumable or resume == "never":
+            return 0
+        if resume == "auto":
+            directory = self.checkpoints.find_resumable()
+            if directory is None:
+                return 0
+        else:
+            directory = Path(resume)
+            if self.world.is_main:
+                verify_checksums(directory)
+        step = self.load_checkpoint(directory)
+        logger.info("resumed from %s at step %d", directory, step)
+        return step
 
     def memory_bytes(self) -> dict[str, int]:
         """Parameter, gradient and optimizer-state bytes on this rank."""
@@ -272,13 +318,18 @@ class Trainer:
         bar = tqdm(total=self.max_steps, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (is_main and self.cfg.logging.progress_bar), mininterval=1.0)
         records = []
-        steps = self.backend.batches(self.train_batches.steps(0, self.max_steps))
+        start = self.resume_step()
+        bar.update(start)
+        steps = self.backend.batches(self.train_batches.steps(start, self.max_steps))
         window_start, window_steps = time.perf_counter(), 0
         try:
-            for step, micro_batches in enumerate(steps, start=1):
+            for step, micro_batches in enumerate(steps, start=start + 1):
                 loss, grad_norm = self.train_step(micro_batches)
                 window_steps += 1
                 bar.update(1)
+                if self.checkpoints is not None and self.checkpoints.should_save(
+                        step, self.max_steps):
+                    self.save_checkpoint(step)
                 if not self.should_log(step):
                     continue
                 self.backend.synchronize()

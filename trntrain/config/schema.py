@@ -136,9 +136,25 @@ class SyntheticDataConfig(DataConfig):
     num_tokens: int = 1_000_000
 
 
-@dataclass
-class CheckpointConfig:
-    name: str = "none"
+# The checkpoint group's keys include `async`, a Python keyword no dataclass field may
+# have: its schema is a struct-mode dict, its types are checked in validate.py.
+CHECKPOINT_DEFAULTS: dict[str, Any] = {
+    # none | dcp | hf
+    "name": "none",
+    # None: <run.dir>/checkpoints, so that a run directory is self-contained.
+    "dir": None,
+    # Save every N optimizer steps (0: only at the end) and at the last step.
+    "every": 0,
+    # Keep this many newest checkpoints (0: all).
+    "keep": 2,
+    # auto: continue from the newest complete checkpoint in the directory, if any;
+    # never; or a checkpoint directory's path.
+    "resume": "auto",
+    # Save in the background after a staging copy; training goes on.
+    "async": False,
+    # Starting weights: a Hugging Face Llama directory (safetensors + config.json).
+    "init_from": None,
+}
 
 
 @dataclass
@@ -190,7 +206,7 @@ class TrntrainConfig:
     train: TrainConfig = MISSING
     optim: OptimConfig = MISSING
     data: Any = MISSING
-    checkpoint: CheckpointConfig = MISSING
+    checkpoint: Any = MISSING
     backend: BackendConfig = MISSING
     cluster: ClusterConfig = MISSING
     logging: LoggingConfig = MISSING
@@ -203,3 +219,4 @@ def register_configs() -> None:
     # The data group's options differ in their keys, so each has its own schema.
     cs.store(group="schema/data", name="corpus", node=CorpusDataConfig)
     cs.store(group="schema/data", name="synthetic", node=SyntheticDataConfig)
+    cs.store(group="schema/checkpoint", name="base", node=CHECKPOINT_DEFAULTS)

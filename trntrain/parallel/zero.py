@@ -137,6 +137,48 @@ class ShardedOptimizer:
             for p in b.params:
                 p.grad = None
 
+    def _slices(self, b: Bucket) -> dict[str, torch.Tensor]:
+        state = self.optimizer.state.get(b.master, {})
+        out = {"master": b.master}
+        for name in ("exp_avg", "exp_avg_sq"):
+            out[name] = state.get(name, torch.zeros_like(b.master))
+        return out
+
+    @torch.no_grad()
+    def per_parameter_state(self) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
+        """Master weights and moments of every parameter (this rank's tp/pp part of it),
+        gathered over dp: the layout-free form a checkpoint stores."""
+        out: dict[nn.Parameter, dict[str, torch.Tensor]] = {p: {} for b in self.buckets
+                                                            for p in b.params}
+        for b in self.buckets:
+            for name, piece in self._slices(b).items():
+                flat = all_gather_dim(piece, 0, self.dp_group)
+                offset = 0
+                for p in b.params:
+                    out[p][name] = flat[offset:offset + p.numel()].view(p.shape)
+                    offset += p.numel()
+        return out
+
+    @torch.no_grad()
+    def load_per_parameter_state(self, moments: dict[nn.Parameter, dict[str, torch.Tensor]],
+                                 masters: dict[nn.Parameter, torch.Tensor], step: float) -> None:
+        """Take this rank's slices of per-parameter state (the inverse of the above); a
+        parameter without a saved master starts from its own value."""
+        for b in self.buckets:
+            pieces = {"master": [masters.get(p, p.detach()) for p in b.params]}
+            for name in ("exp_avg", "exp_avg_sq"):
+                pieces[name] = [moments[p][name] for p in b.params]
+            slices = {}
+            for name, tensors in pieces.items():
+                flat = torch.zeros(b.padded, dtype=torch.float32, device=b.master.device)
+                torch.cat([t.reshape(-1).float() for t in tensors], out=flat[:b.numel])
+                slices[name] = flat.chunk(self.dp)[self.dp_rank].clone()
+            b.master.copy_(slices["master"])
+            self.optimizer.state[b.master] = {
+                "step": torch.tensor(step, dtype=torch.float32),
+                "exp_avg": slices["exp_avg"], "exp_avg_sq": slices["exp_avg_sq"],
+            }
+
     def state_bytes(self) -> int:
         """Bytes of the optimizer's state on this rank: master slices and AdamW moments."""
         total = sum(b.master.numel() * b.master.element_size() for b in self.buckets)

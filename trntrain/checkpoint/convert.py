@@ -1,0 +1,106 @@
+"""`trntrain convert SRC DST`: between DCP checkpoints and Hugging Face directories.
+
+SRC may be a run directory (its latest checkpoint), a DCP checkpoint directory or
+a Hugging Face directory; the target format is the other one unless `--to` says.
+One process, full tensors in host memory: for a model larger than that, export
+from training with checkpoint=hf, which writes one file per pipeline stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+
+from trntrain.checkpoint.dcp import MODEL_CONFIG, checkpoint_keys
+from trntrain.checkpoint.hf import TOP_LEVEL, _hf_files, to_hf_name, write_hf
+from trntrain.checkpoint.manager import LATEST, verify_checksums, write_checksums
+from trntrain.errors import UserError
+
+
+def model_config_from_hf(config: dict) -> DictConfig:
+    scaling = config.get("rope_scaling")
+    theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))
+    return OmegaConf.create({
+        "name": config.get("_name_or_path") or "hf_llama", "family": "llama",
+        "dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
+        "n_heads": config["num_attention_heads"],
+        "n_kv_heads": config.get("num_key_value_heads"), "vocab_size": config["vocab_size"],
+        "ffn_hidden_dim": config["intermediate_size"], "norm_eps": config["rms_norm_eps"],
+        "rope_theta": theta or 10000.0,
+        "rope_scaling": None if not scaling or scaling.get("rope_type") != "llama3" else {
+            k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                    "original_max_position_embeddings")},
+        "max_seq_len": config.get("max_position_embeddings", 4096),
+        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "init_std": 0.02,
+    })
+
+
+def parameter_shapes(model: DictConfig) -> dict[str, tuple[int, ...]]:
+    from trntrain.models import build_model
+
+    with torch.device("meta"):
+        plain = build_model(model)
+    return {name: tuple(p.shape) for name, p in plain.named_parameters()}
+
+
+def resolve_source(src: Path) -> tuple[str, Path]:
+    """('dcp' | 'hf', directory) of a run directory or checkpoint directory."""
+    if (src / "checkpoints" / LATEST).is_file():
+        src = src / "checkpoints" / (src / "checkpoints" / LATEST).read_text().strip()
+    if (src / ".metadata").is_file():
+        return "dcp", src
+    if (src / "config.json").is_file():
+        return "hf", src
+    raise UserError(f"convert: {src} is neither a run directory with checkpoints, a DCP "
+                    f"checkpoint (.metadata) nor a Hugging Face directory (config.json).")
+
+
+def dcp_to_hf(src: Path, dst: Path) -> None:
+    verify_checksums(src)
+    model = OmegaConf.load(src / MODEL_CONFIG)
+    shapes = parameter_shapes(model)
+    keys = checkpoint_keys(src)
+    state = {f"model.{n}": torch.empty(s) for n, s in shapes.items() if f"model.{n}" in keys}
+    dcp.load(state, checkpoint_id=str(src), no_dist=True)
+    tensors = {to_hf_name(k.removeprefix("model.")): v for k, v in state.items()}
+    write_hf(dst, {"model.safetensors": tensors}, model, next(iter(tensors.values())).dtype)
+
+
+def hf_to_dcp(src: Path, dst: Path) -> None:
+    from safetensors import safe_open
+
+    model = model_config_from_hf(json.loads((src / "config.json").read_text()))
+    files = _hf_files(src)
+    state: dict[str, torch.Tensor] = {
+        "trainer.step": torch.tensor(0, dtype=torch.int64),
+        "optim.step": torch.tensor(0.0),
+    }
+    for name in parameter_shapes(model):
+        hf_name = to_hf_name(name)
+        if hf_name not in files and name == "output.weight" and model.tie_embeddings:
+            continue
+        if hf_name not in files:
+            hf_name = TOP_LEVEL["tok_embeddings.weight"] if name == "output.weight" else hf_name
+        with safe_open(str(files[hf_name]), framework="pt") as f:
+            state[f"model.{name}"] = f.get_tensor(hf_name)
+    dst.mkdir(parents=True, exist_ok=True)
+    dcp.save(state, checkpoint_id=str(dst), no_dist=True)
+    OmegaConf.save(model, dst / MODEL_CONFIG)
+    write_checksums(dst)
+
+
+def convert(src: Path, dst: Path, to: str | None = None) -> str:
+    kind, directory = resolve_source(src)
+    target = to or ("hf" if kind == "dcp" else "dcp")
+    if target == kind:
+        raise UserError(f"convert: {src} is already a {kind} checkpoint; valid: --to "
+                        f"{'hf' if kind == 'dcp' else 'dcp'}.")
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"convert: {dst} exists and is not empty; valid: a new directory.")
+    (dcp_to_hf if kind == "dcp" else hf_to_dcp)(directory, dst)
+    return target

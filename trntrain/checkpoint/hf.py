@@ -1,0 +1,189 @@
+"""Hugging Face Llama checkpoints: safetensors with HF names plus config.json.
+
+Export (checkpoint=hf, `trntrain convert`): one safetensors file per pipeline
+stage, written by that stage's first tp and dp rank after gathering its tp
+shards, an index when there are several, and `config.json` for
+`transformers.LlamaForCausalLM`. Import (`checkpoint.init_from=DIR`): every rank
+reads, lazily, only the slices of the tensors it holds. Weights only: a run
+cannot resume from it (use dcp).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+
+from trntrain.checkpoint import Checkpointer
+from trntrain.errors import UserError
+from trntrain.parallel.comm import all_gather_dim
+
+if TYPE_CHECKING:
+    from trntrain.trainer import Trainer
+
+INDEX = "model.safetensors.index.json"
+LAYER_MODULES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+TOP_LEVEL = {"tok_embeddings.weight": "model.embed_tokens.weight",
+             "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def to_hf_name(name: str) -> str:
+    if name in TOP_LEVEL:
+        return TOP_LEVEL[name]
+    _, index, rest = name.split(".", 2)  # layers.<i>.<module>.weight
+    module = rest.removesuffix(".weight")
+    return f"model.layers.{index}.{LAYER_MODULES[module]}.weight"
+
+
+def hf_config(model: DictConfig, dtype: torch.dtype = torch.float32) -> dict:
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": model.dim, "intermediate_size": model.ffn_hidden_dim,
+        "num_attention_heads": model.n_heads,
+        "num_key_value_heads": model.n_kv_heads or model.n_heads,
+        "num_hidden_layers": model.n_layers, "vocab_size": model.vocab_size,
+        "rms_norm_eps": model.norm_eps, "rope_theta": model.rope_theta,
+        "max_position_embeddings": model.max_seq_len,
+        "tie_word_embeddings": model.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if model.rope_scaling is not None:
+        s = model.rope_scaling
+        config["rope_scaling"] = {
+            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
+    return config
+
+
+def full_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """This rank's parameters with tp shards gathered, under their HF names (collective
+    over the tp group)."""
+    out = {}
+    tied = trainer.cfg.model.tie_embeddings
+    for chunk in trainer.chunks.values():
+        for name, p in chunk.named_parameters():
+            if tied and name == "output.weight":
+                continue  # HF ties lm_head to the embedding
+            tensor = p.detach()
+            if hasattr(p, "tp_shard"):
+                tensor = all_gather_dim(tensor, p.tp_shard[0], trainer.mesh.tp_group)
+            out[to_hf_name(name)] = tensor.cpu().contiguous()
+    return out
+
+
+def write_hf(directory: Path, tensors_by_file: dict[str, dict[str, torch.Tensor]],
+             model: DictConfig, dtype: torch.dtype) -> None:
+    """Safetensors files, their index when several, and config.json (one process)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for filename, tensors in tensors_by_file.items():
+        save_file(tensors, str(directory / filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, filename))
+    if len(tensors_by_file) > 1:
+        (directory / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                  indent=1))
+    (directory / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=1))
+
+
+class HfCheckpointer(Checkpointer):
+    resumable = False
+
+    def save(self, directory: Path, trainer: Trainer, step: int) -> None:
+        from safetensors.torch import save_file
+
+        tensors = full_tensors(trainer)
+        mesh, stages = trainer.mesh, trainer.mesh.dims.pp
+        name = ("model.safetensors" if stages == 1
+                else f"model-{mesh.pp_rank + 1:05d}-of-{stages:05d}.safetensors")
+        if mesh.tp_rank == 0 and mesh.dp_rank == 0:
+            save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        if dist.is_initialized():
+            dist.barrier()
+        if trainer.world.is_main:
+            from safetensors import safe_open
+
+            weight_map = {}
+            for path in sorted(directory.glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as f:
+                    weight_map.update(dict.fromkeys(f.keys(), path.name))
+            if stages > 1:
+                (directory / INDEX).write_text(
+                    json.dumps({"metadata": {"step": step}, "weight_map": weight_map}, indent=1))
+            dtype = trainer.params[0].dtype
+            (directory / "config.json").write_text(
+                json.dumps(hf_config(trainer.cfg.model, dtype), indent=1))
+
+    def load(self, directory: Path, trainer: Trainer) -> int:
+        load_hf_weights(directory, trainer.chunks.values(), trainer.cfg.model.tie_embeddings)
+        return 0
+
+
+def _hf_files(directory: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = directory / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise UserError(f"checkpoint.init_from={str(directory)!r} holds neither "
+                        f"model.safetensors nor {INDEX}; valid: a Hugging Face Llama "
+                        f"directory with safetensors weights.")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+@torch.no_grad()
+def load_hf_weights(directory: Path, chunks: Iterable[nn.Module], tied: bool) -> None:
+    """Set this rank's parameters (its tp slices) from a Hugging Face directory."""
+    from safetensors import safe_open
+
+    if not directory.is_dir():
+        raise UserError(f"checkpoint.init_from={str(directory)!r} is not a directory; valid: "
+                        f"a Hugging Face Llama directory (config.json, *.safetensors).")
+    files = _hf_files(directory)
+    for chunk in chunks:
+        for name, p in chunk.named_parameters(remove_duplicate=False):
+            hf_name = to_hf_name(name)
+            if hf_name not in files and tied and name == "output.weight":
+                hf_name = TOP_LEVEL["tok_embeddings.weight"]
+            if hf_name not in files:
+                raise UserError(f"checkpoint.init_from={str(directory)!r} has no tensor "
+                                f"{hf_name!r} (for {name}); valid: a Hugging Face Llama "
+                                f"checkpoint of the configured model.")
+            with safe_open(str(files[hf_name]), framework="pt") as f:
+                view = f.get_slice(hf_name)
+                full_shape = tuple(view.get_shape())
+                expected = getattr(p, "tp_full_shape", tuple(p.shape))
+                if full_shape != tuple(expected):
+                    raise UserError(
+                        f"{files[hf_name]}: {hf_name} has shape {list(full_shape)} but the "
+                        f"configured model needs {list(expected)}; valid: model.* settings "
+                        f"matching the checkpoint's config.json.")
+                if hasattr(p, "tp_shard"):
+                    dim, start, length = p.tp_shard
+                    index = [slice(None)] * len(full_shape)
+                    index[dim] = slice(start, start + length)
+                    values = view[tuple(index)]
+                else:
+                    values = f.get_tensor(hf_name)
+            p.copy_(values.to(p.dtype))
