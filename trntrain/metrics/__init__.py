@@ -31,7 +31,10 @@ class MetricsLogger:
     def __init__(self, jsonl_path: Path | None, console: bool, max_steps: int) -> None:
         self.console = console
         self.max_steps = max_steps
-        self._file = jsonl_path.open("a", encoding="utf-8") if jsonl_path is not None else None
+        self._file = None
+        if jsonl_path is not None:
+            jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = jsonl_path.open("a", encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
         if self._file is not None:
