@@ -42,10 +42,32 @@ def init_process_group(world: World, timeout_s: float, **kwargs: Any) -> None:
     global _host_group
     if world.world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
+        if "init_method" not in kwargs and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            kwargs["store"] = attempt_store(world, timeout)
         dist.init_process_group(rank=world.rank, world_size=world.world_size, timeout=timeout,
                                 **kwargs)
         if dist.get_backend() != "gloo":
             _host_group = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """The gloo group for host-side tensors and objects (None: the default group is gloo)."""
+    return _host_group
+
+
+def attempt_store(world: World, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, under a prefix of its own for each restart of the job.
+
+    After `--max-restarts`, the agent's store still holds the addresses the dead
+    attempt's ranks published; without a prefix a new rank may read one and wait
+    on a peer that no longer exists.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          world.world_size, is_master=not agent_store and world.rank == 0,
+                          timeout=timeout)
+    return dist.PrefixStore(f"trntrain/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}",
+                            store)
 
 
 def destroy_process_group() -> None:

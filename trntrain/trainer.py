@@ -27,6 +27,7 @@ from trntrain.checkpoint.manager import CheckpointManager, verify_checksums
 from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World
+from trntrain.faults import StopRequest, inject_fault
 from trntrain.metrics import MetricsLogger
 from trntrain.metrics.memory import optimizer_state_bytes, static_memory
 from trntrain.models import build_model, materialize
@@ -185,6 +186,7 @@ class Trainer:
     def save_checkpoint(self, step: int) -> Path:
         directory = self.checkpoints.begin(step)
         self.checkpointer.save(directory, self, step)
+        inject_fault("save", step, self.world)
         return self.checkpoints.commit(step)
 
     def load_checkpoint(self, directory: Path) -> int:
@@ -300,6 +302,25 @@ class Trainer:
         every = self.cfg.train.eval_every
         return every > 0 and (step % every == 0 or step == self.max_steps)
 
+    def log_record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+                   window_steps: int, elapsed: float) -> dict[str, Any]:
+        """The metrics of a logging step: the only place values are read from the device."""
+        record = {
+            "step": step,
+            "loss": self.reduce_loss(loss),
+            "lr": self.cfg.optim.lr * lr_factor(step - 1, self.cfg.optim,
+                                                self.cfg.train.max_steps),
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+            "step_time_s": elapsed / window_steps,
+            "tokens": step * self.tokens_per_step,
+        }
+        if self.should_eval(step):
+            record["eval_loss"] = self.evaluate()
+        record.update(self.backend.metrics())
+        record.update({f"mem_{k}_gib": v / 2**30 for k, v in self.memory_bytes().items()})
+        return record
+
     def fit(self) -> list[dict[str, Any]]:
         """Train for train.max_steps; returns the logged records."""
         t = self.cfg.train
@@ -319,38 +340,35 @@ class Trainer:
                    disable=not (is_main and self.cfg.logging.progress_bar), mininterval=1.0)
         records = []
         start = self.resume_step()
+        if start and jsonl is not None:
+            metrics.truncate_after(jsonl, start)
         bar.update(start)
         steps = self.backend.batches(self.train_batches.steps(start, self.max_steps))
         window_start, window_steps = time.perf_counter(), 0
         try:
-            for step, micro_batches in enumerate(steps, start=start + 1):
-                loss, grad_norm = self.train_step(micro_batches)
-                window_steps += 1
-                bar.update(1)
-                if self.checkpoints is not None and self.checkpoints.should_save(
-                        step, self.max_steps):
-                    self.save_checkpoint(step)
-                if not self.should_log(step):
-                    continue
-                self.backend.synchronize()
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step,
-                    "loss": self.reduce_loss(loss),
-                    "lr": self.cfg.optim.lr * lr_factor(step - 1, self.cfg.optim, t.max_steps),
-                    "grad_norm": grad_norm.item(),
-                    "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
-                    "step_time_s": elapsed / window_steps,
-                    "tokens": step * self.tokens_per_step,
-                }
-                if self.should_eval(step):
-                    record["eval_loss"] = self.evaluate()
-                record.update(self.backend.metrics())
-                record.update({f"mem_{k}_gib": v / 2**30 for k, v in self.memory_bytes().items()})
-                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-                metrics.log(record)
-                records.append(record)
-                window_start, window_steps = time.perf_counter(), 0
+            with StopRequest() as stop:
+                for step, micro_batches in enumerate(steps, start=start + 1):
+                    loss, grad_norm = self.train_step(micro_batches)
+                    window_steps += 1
+                    bar.update(1)
+                    inject_fault("step", step, self.world)
+                    stopping = stop.agreed(self.world)
+                    if self.checkpoints is not None and (
+                            stopping or self.checkpoints.should_save(step, self.max_steps)):
+                        self.save_checkpoint(step)
+                    if self.should_log(step) or stopping:
+                        self.backend.synchronize()
+                        elapsed = time.perf_counter() - window_start
+                        record = self.log_record(step, loss, grad_norm, window_steps, elapsed)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+                        metrics.log(record)
+                        records.append(record)
+                        window_start, window_steps = time.perf_counter(), 0
+                    if stopping:
+                        logger.warning("stopped after step %d on SIGTERM%s", step,
+                                       "; resume with the same run.dir"
+                                       if self.checkpoints is not None else "")
+                        break
         finally:
             bar.close()
             metrics.close()

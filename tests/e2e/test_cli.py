@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,64 @@ def test_bad_config_under_torchrun_is_reported_once(tmp_path):
                 "train.global_batch_size=3"], tmp_path)
     assert proc.returncode != 0
     assert proc.stderr.count("train.global_batch_size=3 is invalid") == 1
+
+
+CHECKPOINTED = [*SHORT, "train.max_steps=12", "checkpoint=dcp", "checkpoint.every=5",
+                "run.dir=run"]
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([TRNTRAIN, "train", *CHECKPOINTED, "train.max_steps=100000",
+                             "checkpoint.every=0", "logging.every=1"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    stopped = records(tmp_path / "run")[-1]["step"]
+    assert f"stopped after step {stopped} on SIGTERM" in stderr
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{stopped:08d}"
+    again = run([TRNTRAIN, "train", *CHECKPOINTED, f"train.max_steps={stopped + 2}",
+                 "logging.every=1"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr
+    assert [r["step"] for r in records(tmp_path / "run")][-2:] == [stopped + 1, stopped + 2]
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    straight = run([TRNTRAIN, "train", *CHECKPOINTED[:-1], "run.dir=straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRNTRAIN_FAULT": "kill_during_save:10"}
+    killed = subprocess.run([TRNTRAIN, "train", *CHECKPOINTED], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000005"
+    assert (checkpoints / "step_00000010.tmp").is_dir()
+    resumed = run([TRNTRAIN, "train", *CHECKPOINTED], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step_00000005 at step 5" in resumed.stderr
+    expected = {r["step"]: r["loss"] for r in records(tmp_path / "straight")}
+    got = {r["step"]: r["loss"] for r in records(tmp_path / "run")}
+    assert got == expected  # bitwise, with the records of the lost steps rewritten
+
+
+def test_torchrun_restart_finishes_from_the_latest_checkpoint(tmp_path):
+    straight = run([TRNTRAIN, "train", *CHECKPOINTED[:-1], "run.dir=straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRNTRAIN_FAULT": "kill:7:1"}
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                           "-m", "trntrain", "train", *CHECKPOINTED], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stderr
+    got = records(tmp_path / "run")
+    assert [r["step"] for r in got] == [r["step"] for r in records(tmp_path / "straight")]
+    assert got[-1]["loss"] == pytest.approx(records(tmp_path / "straight")[-1]["loss"],
+                                            rel=1e-6)

@@ -45,6 +45,15 @@ class MetricsLogger:
         if self.console:
             logger.info(format_console(record, self.max_steps))
 
+    @staticmethod
+    def truncate_after(jsonl_path: Path, step: int) -> None:
+        """Drop the records after `step`: a resumed run rewrites them."""
+        if not jsonl_path.is_file():
+            return
+        kept = [line for line in jsonl_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        jsonl_path.write_text("".join(line + "\n" for line in kept))
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -1,0 +1,63 @@
+"""Stopping on request, and faults injected on purpose to test recovery.
+
+SIGTERM (SLURM's notice before a time limit or preemption, Kubernetes' before an
+eviction) asks the run to stop: the current step finishes, every rank agrees on
+the step to stop after, a checkpoint is written and the process exits with 0.
+
+TRNTRAIN_FAULT=kill:STEP[:RANK] makes rank RANK (default 0) kill itself with
+SIGKILL after optimizer step STEP; kill_during_save:STEP[:RANK] does it while the
+checkpoint of step STEP is half written. Only in the first attempt of a torchrun
+job (TORCHELASTIC_RESTART_COUNT unset or 0): the recovery tests use them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+from trntrain.distributed import World, host_group
+
+
+class StopRequest:
+    """Within the context, SIGTERM sets a flag instead of killing the process."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self, world: World) -> bool:
+        """True on every rank once any rank was asked to stop (collective when world > 1)."""
+        if world.world_size == 1:
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
+        return bool(flag.item())
+
+
+def inject_fault(point: str, step: int, world: World) -> None:
+    """Called at `point` ("step" or "save") of step `step`; acts if TRNTRAIN_FAULT says so."""
+    spec = os.environ.get("TRNTRAIN_FAULT", "")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    kind, *args = spec.split(":")
+    wanted = {"kill": "step", "kill_during_save": "save"}.get(kind)
+    rank = int(args[1]) if len(args) > 1 else 0
+    if wanted == point and step == int(args[0]) and world.rank == rank:
+        os.kill(os.getpid(), signal.SIGKILL)
