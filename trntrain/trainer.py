@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,10 @@ class Trainer:
         self.max_steps = min(t.max_steps, self.backend.step_limit() or t.max_steps)
         self.pipeline = self.build_pipeline() if dims.pp > 1 else None
         self.checkpointer = CHECKPOINTERS[cfg.checkpoint.name]()
+        self.checkpoint_group = (dist.new_group(backend="gloo")
+                                 if cfg.checkpoint["async"] and dist.is_initialized() else None)
+        self.pending_save: tuple[Future, int] | None = None
+        self.save_blocking_s: list[float] = []
         self.checkpoints = None
         if run_dir is not None and cfg.checkpoint.name != "none":
             directory = (Path(cfg.checkpoint.dir) if cfg.checkpoint.dir
@@ -183,11 +188,26 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int) -> None:
+        """Write a checkpoint of `step`; an asynchronous one is committed when it is done,
+        at the next save or at the end of training."""
+        start = time.perf_counter()
+        self.finish_pending_save()
         directory = self.checkpoints.begin(step)
-        self.checkpointer.save(directory, self, step)
+        pending = self.checkpointer.save(directory, self, step)
         inject_fault("save", step, self.world)
-        return self.checkpoints.commit(step)
+        if pending is None:
+            self.checkpoints.commit(step)
+        else:
+            self.pending_save = (pending, step)
+        self.save_blocking_s.append(time.perf_counter() - start)
+
+    def finish_pending_save(self) -> None:
+        if self.pending_save is not None:
+            future, step = self.pending_save
+            future.result()
+            self.pending_save = None
+            self.checkpoints.commit(step)
 
     def load_checkpoint(self, directory: Path) -> int:
         """Restore model, optimizer and schedule from `directory`; returns its step."""
@@ -369,6 +389,7 @@ class Trainer:
                                        "; resume with the same run.dir"
                                        if self.checkpoints is not None else "")
                         break
+            self.finish_pending_save()
         finally:
             bar.close()
             metrics.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from tests.conftest import tiny_config
 from trntrain.checkpoint.manager import LATEST, step_dir_name
@@ -95,3 +96,18 @@ def test_keep_prunes_old_checkpoints(tmp_path):
     run(0, 1, str(tmp_path / "run"), ("checkpoint.every=5", "checkpoint.keep=2"))
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == [LATEST, step_dir_name(15), step_dir_name(20)]
+
+
+def test_async_save_equals_sync_save(distributed, tmp_path):
+    sync = distributed(run, 2, str(tmp_path / "sync"), DP2_ZERO1)
+    asynchronous = distributed(run, 2, str(tmp_path / "async"),
+                               (*DP2_ZERO1, "checkpoint.async=true"))
+    assert asynchronous[0]["loss"] == sync[0]["loss"]
+    for step in (10, 20):
+        name = step_dir_name(step)
+        a = dcp.FileSystemReader(str(tmp_path / "async" / "checkpoints" / name)).read_metadata()
+        b = dcp.FileSystemReader(str(tmp_path / "sync" / "checkpoints" / name)).read_metadata()
+        assert a.state_dict_metadata.keys() == b.state_dict_metadata.keys()
+    resumed = distributed(run, 2, str(tmp_path / "resumed"), (
+        *DP2_ZERO1, f"checkpoint.resume={tmp_path / 'async' / 'checkpoints' / step_dir_name(10)}"))
+    assert all(resumed[0]["loss"][s] == sync[0]["loss"][s] for s in range(11, 21))

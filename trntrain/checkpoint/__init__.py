@@ -4,6 +4,7 @@ through the `trntrain.checkpoint` entry point group with a Checkpointer subclass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -20,7 +21,8 @@ class Checkpointer(ABC):
     resumable: ClassVar[bool] = True
 
     @abstractmethod
-    def save(self, directory: Path, trainer: Trainer, step: int) -> None: ...
+    def save(self, directory: Path, trainer: Trainer, step: int) -> Future | None:
+        """Write the state; an asynchronous save returns the Future of its completion."""
 
     @abstractmethod
     def load(self, directory: Path, trainer: Trainer) -> int:
@@ -32,7 +34,7 @@ class NoCheckpointer(Checkpointer):
 
     resumable = False
 
-    def save(self, directory: Path, trainer: Trainer, step: int) -> None:
+    def save(self, directory: Path, trainer: Trainer, step: int) -> Future | None:
         return None
 
     def load(self, directory: Path, trainer: Trainer) -> int:

@@ -9,6 +9,7 @@ goes through DCP's reader: tensors, no unpickling of arbitrary objects.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,13 +39,25 @@ def checkpoint_keys(directory: Path) -> set[str]:
     return set(metadata.state_dict_metadata)
 
 
+def staged(state: dict) -> dict:
+    """A private copy of the state: training goes on changing the original."""
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
 class DcpCheckpointer(Checkpointer):
-    def save(self, directory: Path, trainer: Trainer, step: int) -> None:
-        dcp.save(state_dict(trainer, step), checkpoint_id=str(directory),
-                 no_dist=not dist.is_initialized())
+    def save(self, directory: Path, trainer: Trainer, step: int) -> Future | None:
         if trainer.world.is_main:
             # The model's shape travels with the weights, for `trntrain convert`.
             OmegaConf.save(trainer.cfg.model, directory / MODEL_CONFIG)
+        state = state_dict(trainer, step)
+        no_dist = not dist.is_initialized()
+        if trainer.cfg.checkpoint["async"]:
+            # Files are written by a background thread over a gloo group of their own,
+            # while the training loop goes on with its own collectives.
+            return dcp.async_save(staged(state), checkpoint_id=str(directory),
+                                  process_group=trainer.checkpoint_group, no_dist=no_dist)
+        dcp.save(state, checkpoint_id=str(directory), no_dist=no_dist)
+        return None
 
     def load(self, directory: Path, trainer: Trainer) -> int:
         keys = checkpoint_keys(directory)

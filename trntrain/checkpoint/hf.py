@@ -106,6 +106,7 @@ class HfCheckpointer(Checkpointer):
     resumable = False
 
     def save(self, directory: Path, trainer: Trainer, step: int) -> None:
+        """Synchronous whatever checkpoint.async says: the gathers are collectives."""
         from safetensors.torch import save_file
 
         tensors = full_tensors(trainer)
