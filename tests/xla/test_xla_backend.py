@@ -31,11 +31,15 @@ def test_ten_steps_equal_eager_cpu():
     assert all(r["xla_compiles"] > 0 for r in lazy)
 
 
-def test_no_recompilation_after_warmup():
-    """Warm-up: the first 10 steps and the first evaluation. Then 20 more steps with two
-    evaluations and a metrics read every step compile nothing new."""
-    cfg = tiny_config("train.max_steps=30", "train.eval_every=10", "backend=xla")
-    records = Trainer(cfg, World()).fit()
+def test_no_recompilation_after_warmup(tmp_path):
+    """Warm-up: the first 10 steps, the first evaluation and the first checkpoint. Then
+    20 more steps with two evaluations, two checkpoint saves and a metrics read every
+    step compile nothing new."""
+    cfg = tiny_config("train.max_steps=30", "train.eval_every=10", "backend=xla",
+                      "checkpoint=dcp", "checkpoint.every=10")
+    trainer = Trainer(cfg, World(), run_dir=tmp_path)
+    records = trainer.fit()
+    assert (tmp_path / "checkpoints" / "step_00000030").is_dir()
     compiles = {r["step"]: r["xla_compiles"] for r in records}
     warm = compiles[10]
     assert [compiles[s] for s in range(11, 31)] == [warm] * 20
