@@ -13,6 +13,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from trntrain.models.llama import RopeScaling
+
 
 @dataclass
 class RunConfig:
@@ -20,16 +22,6 @@ class RunConfig:
     dir: str | None = None
     # Reuse a run directory that already holds metrics.jsonl, replacing its files.
     overwrite: bool = False
-
-
-@dataclass
-class RopeScalingConfig:
-    """Llama-3.1 frequency-dependent rope scaling."""
-
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
 
 
 @dataclass
@@ -45,7 +37,8 @@ class ModelConfig:
     ffn_hidden_dim: int = MISSING
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: RopeScalingConfig | None = None
+    # Llama-3.1 frequency-dependent scaling (factor, low/high_freq_factor, original length).
+    rope_scaling: RopeScaling | None = None
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     init_std: float = 0.02
