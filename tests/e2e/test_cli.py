@@ -90,7 +90,7 @@ def test_torchrun_tensor_parallel_with_sequence_parallel(tmp_path):
     assert proc.returncode == 0, proc.stderr
     expected = [r["loss"] for r in records(tmp_path / "single")]
     assert [r["loss"] for r in records(tmp_path / "tp2")] == pytest.approx(expected, rel=1e-5)
-    assert "tp=2 (sequence parallel) dp=1" in (tmp_path / "tp2" / "train.log").read_text()
+    assert "tp=2 (sequence parallel) pp=1 dp=1" in (tmp_path / "tp2" / "train.log").read_text()
 
 
 def test_torchrun_pipeline_reports_one_loss(tmp_path):
