@@ -106,6 +106,10 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -132,15 +136,12 @@ def tmp_filesystem() -> str:
     return f"{device}, {fstype}, mounted on {mount}: {kind}"
 
 
-def train_steps(trainer: Trainer, n: int, after: Callable[[], None] | None = None
-                ) -> list[float]:
+def train_steps(trainer: Trainer, n: int) -> list[float]:
     """Run n training steps; the seconds of each."""
     times = []
     for i in range(n):
         batch = trainer.train_batches.step(i)
         times.append(seconds(lambda b=batch: trainer.train_step(b)))
-        if after is not None:
-            after()
     return times
 
 
@@ -285,12 +286,13 @@ def bench_dp_rank(rank: int, world_size: int, cfg: DictConfig, run_dir: str, rep
     for _ in range(repeats):
         dist.barrier()
         loads.append(seconds(lambda: trainer.load_checkpoint(path)))
+    state = state_dict(trainer, 0)
     return {"save": trainer.save_blocking_s, "dcp_write": timings["save"],
             "commit": timings["commit"], "gather": gather, "load": loads,
             "file_bytes": (path / f"__{rank}_0.distcp").stat().st_size,
             "dir_bytes": dir_bytes(path) if rank == 0 else 0,
-            "state_bytes": sum(v.numel() * v.element_size()
-                               for v in state_dict(trainer, 0).values())}
+            "state_bytes": sum(tensor_bytes(v) for v in state.values()),
+            "master_bytes": sum(tensor_bytes(v) for k, v in state.items() if k.endswith(".master"))}
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -355,9 +357,11 @@ def main() -> None:
     m, t = cfg.model, cfg.train
     sync_files = inspect.signature(dcp.FileSystemWriter.__init__).parameters["sync_files"]
     nbytes = sync["bytes"]
-    print(f"torch {torch.__version__} | {os.cpu_count()} cores, {torch.get_num_threads()} "
-          f"threads (dp=2: 1 thread per rank, gloo) | load average {load_avg:.2f} at start, "
-          f"{os.getloadavg()[0]:.2f} at end (other work may share the cores)")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__} | {os.cpu_count()} cores, {threads} intra-op "
+          f"thread{'s' if threads != 1 else ''} (dp=2: 1 per rank, gloo) | load average "
+          f"{load_avg:.2f} at start, {os.getloadavg()[0]:.2f} at end (other work may share "
+          f"the cores)")
     print(f"model: dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads, {m.n_kv_heads} kv heads, "
           f"ffn {m.ffn_hidden_dim}, vocab {m.vocab_size}: {num_params:,} parameters, fp32, "
           f"AdamW | batch {t.global_batch_size} x seq {t.seq_len}")
@@ -420,7 +424,9 @@ def main() -> None:
                   f"{median(r['load']):>8.3f}{r['file_bytes'] / median(r['save']) / MB:>11,.0f}")
         print("own file: this rank's __<rank>_0.distcp; state: the tensors its state dict "
               "holds (ZeRO-1 gathers the optimizer\nstate over dp, so each rank holds all of it "
-              "and DCP's planner writes each tensor from one rank); gather: state_dict() alone.")
+              "and DCP's planner writes each tensor from one rank); gather: state_dict() alone.\n"
+              f"The state includes optim.*.master, {dp[0]['master_bytes'] / MB:.1f} MB: ZeRO-1's "
+              "fp32 master copy, which in fp32 training equals the weights.")
     print(f"\nwall time {time.perf_counter() - wall_start:.0f} s")
 
 

@@ -92,6 +92,20 @@ class PipelineGroups:
     global_ranks: list[int]
 
 
+class Arrival:
+    """A tensor on its way: `get()` waits for it only when it is needed."""
+
+    def __init__(self, tensor: torch.Tensor, work: dist.Work | None = None) -> None:
+        self.tensor = tensor
+        self.work = work
+
+    def get(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.tensor
+
+
 class Transport:
     def __init__(self, groups: PipelineGroups, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -101,28 +115,49 @@ class Transport:
         self.device = device
 
     def exchange(self, transfers: list[Transfer], outgoing: dict[Transfer, torch.Tensor]
-                 ) -> dict[Transfer, torch.Tensor]:
+                 ) -> dict[Transfer, Arrival]:
         """Send `outgoing` (this rank's sends of this tick); return what arrives here."""
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """Wait for this step's sends to complete."""
+
 
 class IsendTransport(Transport):
+    """Sends and receives are posted at their tick and waited for only when the data
+    is needed (a receive) or at the end of the step (a send): a rank runs ahead of
+    its neighbours as far as the data allows, instead of in lock-step with them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._sends: list[dist.Work] = []
+
     def exchange(self, transfers, outgoing):
         me = self.groups.stage
-        ops, received = [], {}
+        ops, received, kinds = [], {}, []
         for t in transfers:
             if t.src == me:
                 COMM_STATS.record("pp_send", outgoing[t])
                 ops.append(dist.P2POp(dist.isend, outgoing[t].contiguous(),
                                       self.groups.global_ranks[t.dst]))
+                kinds.append(None)
             elif t.dst == me:
                 buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buffer, self.groups.global_ranks[t.src]))
-                received[t] = buffer
+                kinds.append(t)
+                received[t] = Arrival(buffer)
         if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            for t, work in zip(kinds, dist.batch_isend_irecv(ops), strict=True):
+                if t is None:
+                    self._sends.append(work)
+                else:
+                    received[t].work = work
         return received
+
+    def finish(self) -> None:
+        for work in self._sends:
+            work.wait()
+        self._sends.clear()
 
 
 class AllGatherTransport(Transport):
@@ -146,7 +181,7 @@ class AllGatherTransport(Transport):
                 # Slots follow the group's rank order: the lower global rank first.
                 peer = recv.src
                 slot = int(self.groups.global_ranks[peer] > self.groups.global_ranks[me])
-                received[recv] = out[slot]
+                received[recv] = Arrival(out[slot])
         return received
 
 
@@ -198,7 +233,7 @@ class PipelineRunner:
         loss_sum = torch.zeros((), device=device)
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
-        arrived: dict[tuple[str, int, int], torch.Tensor] = {}
+        arrived: dict[tuple[str, int, int], Arrival] = {}
         in_flight = 0
         if backward:
             self.max_in_flight = 0
@@ -207,14 +242,20 @@ class PipelineRunner:
             action: Action | None = table.actions[me][tick]
             outgoing: dict[Transfer, torch.Tensor] = {}
             if action is not None:
-                action_start = time.perf_counter()
                 key = (action.chunk, action.microbatch)
                 tokens, labels = micro_batches[action.microbatch]
+                # What this action needs from a neighbour: waiting for it is bubble.
+                needed = None
+                if action.kind == "F" and action.chunk > 0:
+                    needed = arrived.pop(("F", action.chunk - 1, action.microbatch)).get()
+                elif action.kind == "B" and action.chunk < self.last_chunk:
+                    needed = arrived.pop(("B", action.chunk + 1, action.microbatch)).get()
+                action_start = time.perf_counter()
                 if action.kind == "F":
                     if action.chunk == 0:
                         x = tokens
                     else:
-                        x = arrived.pop(("F", action.chunk - 1, action.microbatch))
+                        x = needed
                         x.requires_grad_(backward)
                     with self.autocast():
                         y = self.chunks[action.chunk](x)
@@ -231,7 +272,7 @@ class PipelineRunner:
                     if action.chunk == self.last_chunk:
                         y.backward()
                     else:
-                        y.backward(arrived.pop(("B", action.chunk + 1, action.microbatch)))
+                        y.backward(needed)
                     in_flight -= 1
                     value = x.grad if action.chunk > 0 else None
                 for t in table.transfers[tick]:
@@ -239,8 +280,9 @@ class PipelineRunner:
                             action.kind, action.chunk, action.microbatch):
                         outgoing[t] = value
                 compute_s += time.perf_counter() - action_start
-            for t, tensor in self.transport.exchange(table.transfers[tick], outgoing).items():
-                arrived[(t.kind, t.chunk, t.microbatch)] = tensor
+            for t, arrival in self.transport.exchange(table.transfers[tick], outgoing).items():
+                arrived[(t.kind, t.chunk, t.microbatch)] = arrival
+        self.transport.finish()
         if backward:
             self.compute_s, self.step_s = compute_s, time.perf_counter() - start
         return loss_sum
