@@ -39,11 +39,6 @@ def checkpoint_keys(directory: Path) -> set[str]:
     return set(metadata.state_dict_metadata)
 
 
-def staged(state: dict) -> dict:
-    """A private copy of the state: training goes on changing the original."""
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
 class DcpCheckpointer(Checkpointer):
     def save(self, directory: Path, trainer: Trainer, step: int) -> Future | None:
         if trainer.world.is_main:
@@ -52,9 +47,9 @@ class DcpCheckpointer(Checkpointer):
         state = state_dict(trainer, step)
         no_dist = not dist.is_initialized()
         if trainer.cfg.checkpoint["async"]:
-            # Files are written by a background thread over a gloo group of their own,
-            # while the training loop goes on with its own collectives.
-            return dcp.async_save(staged(state), checkpoint_id=str(directory),
+            # DCP stages a private copy before returning; a background thread writes it
+            # over a gloo group of its own while the loop goes on with its collectives.
+            return dcp.async_save(state, checkpoint_id=str(directory),
                                   process_group=trainer.checkpoint_group, no_dist=no_dist)
         dcp.save(state, checkpoint_id=str(directory), no_dist=no_dist)
         return None

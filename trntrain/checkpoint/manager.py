@@ -46,10 +46,26 @@ def _crc32(path: Path) -> str:
     return f"{crc:08x}"
 
 
+def _write_durably(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make renames and new entries in `directory` survive a power loss."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_checksums(directory: Path) -> None:
     sums = {p.relative_to(directory).as_posix(): {"crc32": _crc32(p), "bytes": p.stat().st_size}
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
-    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+    _write_durably(directory / CHECKSUMS, json.dumps(sums, indent=1))
 
 
 def verify_checksums(directory: Path) -> None:
@@ -105,9 +121,11 @@ class CheckpointManager:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _sync_directory(self.directory)
             pointer = self.directory / f"{LATEST}.tmp"
-            pointer.write_text(final.name + "\n")
+            _write_durably(pointer, final.name + "\n")
             os.replace(pointer, self.directory / LATEST)
+            _sync_directory(self.directory)
             self.prune()
         _barrier()
         return final

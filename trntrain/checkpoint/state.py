@@ -138,6 +138,7 @@ def apply_state(trainer: Trainer, loaded: dict[str, torch.Tensor], with_optimize
         for p, moments in per_param.items():
             trainer.optimizer.state[p] = {
                 "step": torch.tensor(count, dtype=torch.float32),
-                **{m: v.to(p.device, p.dtype).clone() for m, v in moments.items()},
+                # The loaded tensors are fresh and ours: no copy beyond the device move.
+                **{m: v.to(p.device, p.dtype) for m, v in moments.items()},
             }
     return step

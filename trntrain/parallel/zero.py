@@ -151,7 +151,10 @@ class ShardedOptimizer:
         out: dict[nn.Parameter, dict[str, torch.Tensor]] = {p: {} for b in self.buckets
                                                             for p in b.params}
         for b in self.buckets:
-            for name, piece in self._slices(b).items():
+            slices = self._slices(b)
+            if all(p.dtype == torch.float32 for p in b.params):
+                del slices["master"]  # fp32 weights are the master weights: stored once
+            for name, piece in slices.items():
                 flat = all_gather_dim(piece, 0, self.dp_group)
                 offset = 0
                 for p in b.params:
