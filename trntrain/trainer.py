@@ -35,6 +35,7 @@ from trntrain.models import build_model, materialize
 from trntrain.optim import build_lr_scheduler, build_optimizer, lr_factor
 from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh, clip_grad_norm_
 from trntrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from trntrain.parallel.gradients import accumulate_in_fp32
 from trntrain.parallel.pipeline import (
     PipelineGroups,
     PipelineRunner,
@@ -117,6 +118,8 @@ class Trainer:
         if t.precision == "bf16":
             for p in self.params:
                 p.data = p.data.to(torch.bfloat16)
+                if t.fp32_grad_accumulation:
+                    p.register_post_accumulate_grad_hook(accumulate_in_fp32)
         self.optimizer = (self.sharded.optimizer if self.sharded is not None
                           else build_optimizer(self.params, cfg.optim))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)

@@ -83,6 +83,8 @@ class TrainConfig:
     precision: str = "fp32"
     # bf16: keep fp32 master weights in the optimizer (false: pure bf16, worse).
     master_weights: bool = True
+    # bf16 with master weights: sum micro-batch gradients in fp32 rather than bf16.
+    fp32_grad_accumulation: bool = False
     eval_every: int = 100
     eval_batches: int = 8
 

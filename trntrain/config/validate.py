@@ -229,6 +229,10 @@ def _validate_train(cfg: DictConfig, world_size: int) -> None:
     )
     require(t.precision in PRECISIONS, "train.precision", t.precision, f"one of {PRECISIONS}")
     require(t.eval_every >= 0, "train.eval_every", t.eval_every, "0 (no evaluation) or more")
+    require(not t.fp32_grad_accumulation or (t.precision == "bf16" and t.master_weights),
+            "train.fp32_grad_accumulation", t.fp32_grad_accumulation,
+            "false, or true with train.precision=bf16 and train.master_weights=true",
+            "fp32 gradients are summed for the fp32 master weights;")
 
 
 def _validate_optim(cfg: DictConfig) -> None:

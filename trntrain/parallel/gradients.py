@@ -20,6 +20,29 @@ from torch import nn
 from trntrain.parallel.comm import Group, all_reduce, group_size
 
 
+def gradient(p: nn.Parameter) -> torch.Tensor | None:
+    """The accumulated gradient: `main_grad` (fp32) under fp32 gradient accumulation."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
+def set_gradient(p: nn.Parameter, value: torch.Tensor) -> None:
+    if getattr(p, "main_grad", None) is not None:
+        p.main_grad = value
+    else:
+        p.grad = value
+
+
+def accumulate_in_fp32(p: nn.Parameter) -> None:
+    """Post-accumulate-grad hook: add each backward's bf16 gradient into an fp32
+    `main_grad`, so that micro-batches sum without bf16 rounding (Megatron's main_grad)."""
+    if getattr(p, "main_grad", None) is None:
+        p.main_grad = p.grad.float()
+    else:
+        p.main_grad.add_(p.grad)
+    p.grad = None
+
+
 def gradient_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
     """Consecutive parameters grouped up to `bucket_bytes` each, one dtype per bucket."""
     buckets: list[list[nn.Parameter]] = []
@@ -51,14 +74,15 @@ class GradientReducer:
         if self.size == 1:
             return
         for bucket in self.buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+            grads = [gradient(p) if gradient(p) is not None else torch.zeros_like(p)
+                     for p in bucket]
             flat = torch.cat([g.reshape(-1) for g in grads])
             if self.average:
                 flat.div_(self.size)
             all_reduce(flat, self.group)
             offset = 0
             for p, g in zip(bucket, grads, strict=True):
-                p.grad = flat[offset:offset + g.numel()].view_as(g)
+                set_gradient(p, flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
 
 

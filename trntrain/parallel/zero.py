@@ -27,6 +27,7 @@ from torch import nn
 
 from trntrain.parallel.comm import Group, all_gather_dim, all_reduce, group_rank, group_size
 from trntrain.parallel.comm import reduce_scatter_dim as reduce_scatter
+from trntrain.parallel.gradients import gradient
 
 
 @dataclass
@@ -90,14 +91,14 @@ class ShardedOptimizer:
         """Each rank's slice of the dp-averaged gradient, in fp32, as its master's .grad."""
         for b in self.buckets:
             flat = torch.zeros(b.padded, dtype=torch.float32, device=b.master.device)
-            grads = [p.grad.reshape(-1).float() if p.grad is not None
+            grads = [gradient(p).reshape(-1).float() if gradient(p) is not None
                      else torch.zeros(p.numel(), device=b.master.device) for p in b.params]
             torch.cat(grads, out=flat[:b.numel])
             if self.dp > 1:
                 flat.div_(self.dp)
             b.master.grad = reduce_scatter(flat, 0, self.dp_group)
             for p in b.params:
-                p.grad = None
+                p.grad = p.main_grad = None
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, tp_group: Group, pp_group: Group
@@ -135,7 +136,7 @@ class ShardedOptimizer:
         for b in self.buckets:
             b.master.grad = None
             for p in b.params:
-                p.grad = None
+                p.grad = p.main_grad = None
 
     def _slices(self, b: Bucket) -> dict[str, torch.Tensor]:
         state = self.optimizer.state.get(b.master, {})
