@@ -7,6 +7,7 @@ failure is one `ConfigError` naming the key, the value it got and what is valid.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -277,8 +278,19 @@ def _validate_rest(cfg: DictConfig) -> None:
             "1, 2 or 3")
     require(b.precompile_steps > 0, "backend.precompile_steps", b.precompile_steps,
             "a positive integer")
-    require(cfg.checkpoint.name in CHECKPOINTERS, "checkpoint.name", cfg.checkpoint.name,
+    ck = cfg.checkpoint
+    require(ck.name in CHECKPOINTERS, "checkpoint.name", ck.name,
             f"one of {sorted(CHECKPOINTERS)}")
+    for key in ("every", "keep"):
+        require(isinstance(ck[key], int) and not isinstance(ck[key], bool) and ck[key] >= 0,
+                f"checkpoint.{key}", ck[key], "an integer >= 0")
+    require(isinstance(ck["async"], bool), "checkpoint.async", ck["async"], "true or false")
+    require(ck.resume in ("auto", "never") or Path(str(ck.resume)).is_dir(), "checkpoint.resume",
+            ck.resume, "auto, never, or an existing checkpoint directory")
+    require(ck.dir is None or isinstance(ck.dir, str), "checkpoint.dir", ck.dir,
+            "null (<run.dir>/checkpoints) or a path")
+    require(ck.init_from is None or Path(str(ck.init_from)).is_dir(), "checkpoint.init_from",
+            ck.init_from, "null or an existing Hugging Face model directory")
     require(cfg.cluster.nodes > 0, "cluster.nodes", cfg.cluster.nodes, "a positive integer")
     require(cfg.logging.every > 0, "logging.every", cfg.logging.every, "a positive integer")
     require(cfg.logging.level in LOG_LEVELS, "logging.level", cfg.logging.level,
