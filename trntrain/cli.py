@@ -37,7 +37,7 @@ def fail(message: str | None) -> None:
 def train_task(cfg: DictConfig) -> None:
     from trntrain.backend import build_backend
     from trntrain.config import validate
-    from trntrain.distributed import destroy_process_group, init_process_group
+    from trntrain.distributed import barrier, destroy_process_group, init_process_group
     from trntrain.run_dir import agree_run_dir, check_run_dir, setup_logging, write_run_dir
     from trntrain.trainer import Trainer
 
@@ -59,6 +59,7 @@ def train_task(cfg: DictConfig) -> None:
         run_dir = agree_run_dir(cfg, world)
         if world.is_main:
             write_run_dir(run_dir, cfg, cfg.run.overwrite)
+        barrier()  # the directory exists before the other ranks open their log files
         setup_logging(run_dir, world, cfg.logging.level)
         Trainer(cfg, world, run_dir, backend).fit()
     except UserError as err:

@@ -77,6 +77,11 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier(group=_host_group)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """`obj` of rank `src` on every rank (identity without a process group)."""
     if not dist.is_initialized():

@@ -88,18 +88,46 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _OnceFilter(logging.Filter):
+    """Lets a warning or error through the first time its text is seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 def setup_logging(run_dir: Path | None, world: World, level: str) -> None:
-    """Rank 0 logs at `level` to the console and train.log; the others log warnings."""
+    """Every rank logs to <run.dir>/logs/rank_<r>.log; rank 0 also to the console at
+    `level` and to train.log, the others to the console only for warnings. Repeated
+    warnings are shown once."""
     root = logging.getLogger("trntrain")
     root.handlers.clear()
+    root.filters.clear()
     root.propagate = False
+    root.setLevel(level)
+    root.addFilter(_OnceFilter())
     prefix = "" if world.world_size == 1 else f"[rank {world.rank}] "
     fmt = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S")
     console = _TqdmHandler()
     console.setFormatter(fmt)
+    console.setLevel(level if world.is_main else "WARNING")
     root.addHandler(console)
-    root.setLevel(level if world.is_main else "WARNING")
-    if world.is_main and run_dir is not None:
-        file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-        file_handler.setFormatter(fmt)
-        root.addHandler(file_handler)
+    if run_dir is None:
+        return
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    files = [run_dir / "logs" / f"rank_{world.rank}.log"]
+    if world.is_main:
+        files.append(run_dir / "train.log")
+    for path in files:
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(fmt)
+        root.addHandler(handler)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World
 from trntrain.faults import StopRequest, inject_fault
-from trntrain.metrics import MetricsLogger
+from trntrain.metrics import build_metrics_logger
+from trntrain.metrics.flops import mfu
 from trntrain.metrics.memory import optimizer_state_bytes, static_memory
 from trntrain.models import build_model, materialize
 from trntrain.optim import build_lr_scheduler, build_optimizer, lr_factor
@@ -158,6 +160,9 @@ class Trainer:
         self.checkpoint_group = (dist.new_group(backend="gloo")
                                  if cfg.checkpoint["async"] and dist.is_initialized() else None)
         self.pending_save: tuple[Future, int] | None = None
+        # Host seconds per phase since the last metrics record (on a lazy backend: the
+        # time to trace, not to run).
+        self.phase_s: dict[str, float] = defaultdict(float)
         self.save_blocking_s: list[float] = []
         self.checkpoints = None
         if run_dir is not None and cfg.checkpoint.name != "none":
@@ -204,6 +209,7 @@ class Trainer:
         else:
             self.pending_save = (pending, step)
         self.save_blocking_s.append(time.perf_counter() - start)
+        self.phase_s["checkpoint"] += self.save_blocking_s[-1]
 
     def finish_pending_save(self) -> None:
         if self.pending_save is not None:
@@ -249,6 +255,7 @@ class Trainer:
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over this rank's micro-batches: (mean loss, gradient norm)."""
         mean_loss = self.forward_backward(micro_batches)
+        start = time.perf_counter()
         max_norm, mesh = self.cfg.optim.max_grad_norm, self.mesh
         if self.sharded is not None:
             grad_norm = self.sharded.clip_grad_norm_(max_norm, mesh.tp_group, mesh.pp_group)
@@ -260,14 +267,18 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         self.backend.step_boundary()
+        self.phase_s["optimizer"] += time.perf_counter() - start
         return mean_loss, grad_norm
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate the gradient of the mean loss, reduced over tp, tied stages and dp.
 
         Returns the mean loss (under pipelining: on the last stage, zero elsewhere)."""
+        start = time.perf_counter()
         if self.pipeline is not None:
             mean_loss = self.pipeline.forward_backward(micro_batches)
+            self.phase_s["forward_backward"] += self.pipeline.compute_s
+            self.phase_s["pipeline_wait"] += self.pipeline.step_s - self.pipeline.compute_s
         else:
             accumulation = len(micro_batches)
             loss_sum = torch.zeros((), device=self.backend.device)
@@ -277,12 +288,15 @@ class Trainer:
                 (loss / accumulation).backward()
                 loss_sum += loss.detach()
             mean_loss = loss_sum / accumulation
+            self.phase_s["forward_backward"] += time.perf_counter() - start
+        start = time.perf_counter()
         self.tp_grad_reducer.reduce()
         self.tied_grad_reducer.reduce()
         if self.sharded is not None:
             self.sharded.reduce_gradients()  # reduce-scatter over dp
         else:
             self.dp_grad_reducer.reduce()
+        self.phase_s["grad_sync"] += time.perf_counter() - start
         return mean_loss
 
     @torch.no_grad()
@@ -338,18 +352,40 @@ class Trainer:
             "step_time_s": elapsed / window_steps,
             "tokens": step * self.tokens_per_step,
         }
+        utilisation = mfu(record["tokens_per_s"], self.cfg.model, self.cfg.train.seq_len,
+                          self.world.world_size, self.backend.peak_flops())
+        if utilisation is not None:
+            record["mfu"] = utilisation
+        record.update({f"time_{phase}_s": seconds / window_steps
+                       for phase, seconds in self.phase_s.items()})
+        self.phase_s.clear()
         if self.should_eval(step):
             record["eval_loss"] = self.evaluate()
         record.update(self.backend.metrics())
         record.update({f"mem_{k}_gib": v / 2**30 for k, v in self.memory_bytes().items()})
         return record
 
+    def timed_data(self, batches: Iterator[list[Batch]]) -> Iterator[list[Batch]]:
+        """The batches, the time spent waiting for each counted as the data phase."""
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self.phase_s["data"] += time.perf_counter() - start
+            yield item
+
     def fit(self) -> list[dict[str, Any]]:
         """Train for train.max_steps; returns the logged records."""
         t = self.cfg.train
         is_main = self.world.is_main
         jsonl = self.run_dir / "metrics.jsonl" if is_main and self.run_dir is not None else None
-        metrics = MetricsLogger(jsonl, console=is_main, max_steps=self.max_steps)
+        metrics = build_metrics_logger(self.cfg, self.run_dir, is_main, self.max_steps)
+        if self.backend.peak_flops() is None:
+            logger.info("MFU: not reported, the %s backend has no meaningful peak FLOP/s",
+                        self.backend.name)
         logger.info(
             "model %s: %.2f M parameters on this rank | %s backend | tp=%d%s pp=%d dp=%d | "
             "%d micro-batches of %d x %d tokens per step | %.1f M train tokens",
@@ -366,7 +402,8 @@ class Trainer:
         if start and jsonl is not None:
             metrics.truncate_after(jsonl, start)
         bar.update(start)
-        steps = self.backend.batches(self.train_batches.steps(start, self.max_steps))
+        steps = self.timed_data(
+            self.backend.batches(self.train_batches.steps(start, self.max_steps)))
         window_start, window_steps = time.perf_counter(), 0
         try:
             with StopRequest() as stop:

@@ -71,6 +71,10 @@ class NeuronBackend(XlaBackend):
             return self.cfg.precompile_steps
         return None
 
+    def peak_flops(self) -> float | None:
+        # Dense BF16 of one Trn1 NeuronCore-v2 (a trn1.32xlarge has 32).
+        return 95e12
+
     def uses_xla_cache(self) -> bool:
         # neuronx-cc keeps its own cache (NEURON_COMPILE_CACHE_URL).
         return False

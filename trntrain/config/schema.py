@@ -189,8 +189,12 @@ class LoggingConfig:
     # Write a metrics record every N optimizer steps (and at the first and last).
     every: int = 10
     progress_bar: bool = True
-    # Python logging level of rank 0; other ranks log warnings and errors only.
+    # Python logging level of rank 0 on the console (every rank logs to
+    # <run.dir>/logs/rank_<r>.log at this level).
     level: str = "INFO"
+    # Where metric records go, several at once: console, jsonl (metrics.jsonl),
+    # tensorboard (<run.dir>/tensorboard), wandb (offline), mlflow (local files).
+    sinks: list[str] = field(default_factory=lambda: ["console", "jsonl"])
 
 
 @dataclass

@@ -295,3 +295,8 @@ def _validate_rest(cfg: DictConfig) -> None:
     require(cfg.logging.every > 0, "logging.every", cfg.logging.every, "a positive integer")
     require(cfg.logging.level in LOG_LEVELS, "logging.level", cfg.logging.level,
             f"one of {LOG_LEVELS}")
+    from trntrain.metrics import SINKS
+
+    for sink in cfg.logging.sinks:
+        require(sink in SINKS, "logging.sinks", list(cfg.logging.sinks),
+                f"a list of {', '.join(SINKS)}")

@@ -1,4 +1,6 @@
-"""Metric records and where they go: metrics.jsonl and the console (rank 0 only)."""
+"""Metric records and the sinks they go to, chosen by `logging.sinks` (rank 0 only):
+console, jsonl (metrics.jsonl), tensorboard (event files in <run.dir>/tensorboard),
+wandb and mlflow (offline / local files; extras, never a network call by default)."""
 
 from __future__ import annotations
 
@@ -8,42 +10,138 @@ import math
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from trntrain.errors import UserError
+
 logger = logging.getLogger("trntrain")
 
-# Order and format of the console line; other keys go to metrics.jsonl only.
+SINKS = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
+
+# Order and format of the console line; other keys go to the other sinks only.
 CONSOLE_FIELDS = [
     ("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
-    ("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.3f}"),
+    ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}"), ("step_time_s", "{:.3f}"),
 ]
 
 
 def format_console(record: dict[str, Any], max_steps: int) -> str:
     parts = [f"step {record['step']}/{max_steps}"]
     for key, fmt in CONSOLE_FIELDS:
-        if key in record:
+        if record.get(key) is not None:
             parts.append(f"{key} {fmt.format(record[key])}")
     return " | ".join(parts)
 
 
-class MetricsLogger:
-    """Writes each record as one JSON line (when given a path) and one console line."""
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a record, but the step."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
 
-    def __init__(self, jsonl_path: Path | None, console: bool, max_steps: int) -> None:
-        self.console = console
+
+class Sink:
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ConsoleSink(Sink):
+    def __init__(self, max_steps: int) -> None:
         self.max_steps = max_steps
-        self._file = None
-        if jsonl_path is not None:
-            jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = jsonl_path.open("a", encoding="utf-8")
+
+    def log(self, record):
+        logger.info(format_console(record, self.max_steps))
+
+
+class JsonlSink(Sink):
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+
+    def log(self, record):
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def _require(module: str, sink: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"logging.sinks names {sink!r} but {module} is not installed; valid: "
+                        f"pip install 'trntrain[tracking]', or leave {sink} out of "
+                        f"logging.sinks.")
+
+
+class TensorBoardSink(Sink):
+    def __init__(self, directory: Path) -> None:
+        _require("tensorboard", "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(directory))
+
+    def log(self, record):
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbSink(Sink):
+    """Weights & Biases in offline mode: files under <run.dir>/wandb, `wandb sync` later."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
+        _require("wandb", "wandb")
+        import wandb
+
+        self.run = wandb.init(mode="offline", dir=str(run_dir), name=run_dir.name,
+                              config=OmegaConf.to_container(cfg, resolve=True))
+
+    def log(self, record):
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+class MlflowSink(Sink):
+    """MLflow with a local file store under <run.dir>/mlruns."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
+        _require("mlflow", "mlflow")
+        import mlflow
+
+        mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=run_dir.name)
+        flat = OmegaConf.to_container(cfg, resolve=True)
+        mlflow.log_params({f"{section}.{k}": v for section, values in flat.items()
+                           if isinstance(values, dict) for k, v in values.items()
+                           if not isinstance(v, (dict, list))})
+
+    def log(self, record):
+        self.mlflow.log_metrics(scalars(record), step=record["step"])
+
+    def close(self):
+        self.mlflow.end_run()
+
+
+class MetricsLogger:
+    """Sends each record to every configured sink."""
+
+    def __init__(self, sinks: list[Sink]) -> None:
+        self.sinks = sinks
 
     def log(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                     for k, v in record.items()}
-            self._file.write(json.dumps(clean) + "\n")
-            self._file.flush()
-        if self.console:
-            logger.info(format_console(record, self.max_steps))
+        for sink in self.sinks:
+            sink.log(record)
 
     @staticmethod
     def truncate_after(jsonl_path: Path, step: int) -> None:
@@ -55,6 +153,28 @@ class MetricsLogger:
         jsonl_path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+def build_metrics_logger(cfg: DictConfig, run_dir: Path | None, is_main: bool,
+                         max_steps: int) -> MetricsLogger:
+    """The sinks of logging.sinks, on the main rank; files only with a run directory."""
+    if not is_main:
+        return MetricsLogger([])
+    sinks: list[Sink] = []
+    for name in cfg.logging.sinks:
+        if name == "console":
+            sinks.append(ConsoleSink(max_steps))
+        elif run_dir is None:
+            continue
+        elif name == "jsonl":
+            sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+        elif name == "tensorboard":
+            sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+        elif name == "wandb":
+            sinks.append(WandbSink(run_dir, cfg))
+        elif name == "mlflow":
+            sinks.append(MlflowSink(run_dir, cfg))
+    return MetricsLogger(sinks)
