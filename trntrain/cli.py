@@ -23,6 +23,7 @@ commands:
            (Hydra overrides; -m for a sweep; torchrun -m trntrain train ... for several ranks)
   convert  SRC DST [--to hf|dcp]: a run's checkpoint or a DCP checkpoint to a Hugging
            Face directory, or back
+  report   RUN_DIR [RUN_DIR ...]: plots and a summary; several runs or a sweep overlaid
   models   list the model sizes of conf/model with their parameter counts
 
 Run `trntrain train --help` for the config groups and keys."""
@@ -116,6 +117,26 @@ def convert_command(argv: list[str]) -> None:
     print(f"wrote {target} checkpoint to {args.dst}")
 
 
+def report_command(argv: list[str]) -> None:
+    import argparse
+
+    from trntrain.metrics.report import write_report
+
+    parser = argparse.ArgumentParser(prog="trntrain report", description=(
+        "Plots (loss, learning rate, throughput, memory) and a summary of one or several run "
+        "directories or sweeps, their curves overlaid."))
+    parser.add_argument("runs", type=Path, nargs="+", help="run or sweep directories")
+    parser.add_argument("--out", type=Path, help="output directory (default: the run's own, "
+                        "or <common parent>/report)")
+    args = parser.parse_args(argv)
+    try:
+        out = write_report(args.runs, args.out)
+    except UserError as err:
+        fail(str(err))
+    print((out / "summary.txt").read_text(), end="")
+    print(f"plots and summary in {out}")
+
+
 def run_hydra(task: Callable[[DictConfig], None], argv: list[str]) -> None:
     import hydra
 
@@ -141,8 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         models_command(rest)
     elif command == "convert":
         convert_command(rest)
+    elif command == "report":
+        report_command(rest)
     else:
-        fail(f"unknown command {command!r}; valid: train, convert, models (see trntrain --help).")
+        fail(f"unknown command {command!r}; valid: train, convert, report, models "
+             f"(see trntrain --help).")
 
 
 if __name__ == "__main__":

@@ -213,3 +213,19 @@ def test_torchrun_restart_finishes_from_the_latest_checkpoint(tmp_path):
     assert [r["step"] for r in got] == [r["step"] for r in records(tmp_path / "straight")]
     assert got[-1]["loss"] == pytest.approx(records(tmp_path / "straight")[-1]["loss"],
                                             rel=1e-6)
+
+
+def test_sweep_then_report_overlays_both_runs(tmp_path):
+    sweep = run([TRNTRAIN, "train", "-m", *SHORT, "optim.lr=1e-3,3e-3"], tmp_path)
+    assert sweep.returncode == 0, sweep.stderr
+    (sweep_dir,) = (tmp_path / "runs").iterdir()
+    proc = run([TRNTRAIN, "report", str(sweep_dir)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = sweep_dir / "report"
+    for name in ("loss.png", "lr.png", "throughput.png", "memory.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (report / "summary.txt").read_text()
+    assert "optim.lr=0.001" in summary and "optim.lr=0.003" in summary
+    assert "lowest final training loss" in proc.stdout
+    bad = run([TRNTRAIN, "report", str(tmp_path / "nowhere")], tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -34,12 +34,13 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
     """Run directories as given; a sweep directory stands for its jobs, in job order."""
     found: list[Path] = []
     for path in map(Path, paths):
-        jobs = [d for d in sorted(path.iterdir()) if (d / METRICS_FILE).is_file()] \
-            if path.is_dir() and not (path / "config.yaml").is_file() else []
-        if (path / METRICS_FILE).is_file() or not jobs:
-            found.append(path)  # a missing metrics.jsonl is reported by read_metrics
-        else:
-            found.extend(sorted(jobs, key=lambda d: (not d.name.isdigit(), len(d.name), d.name)))
+        if (path / METRICS_FILE).is_file() or not path.is_dir():
+            found.append(path)
+            continue
+        jobs = [d for d in path.iterdir() if (d / METRICS_FILE).is_file()]
+        # Job directories in numeric order (0, 1, ..., 10); none: read_metrics says what is missing.
+        found.extend(sorted(jobs, key=lambda d: (not d.name.isdigit(), len(d.name), d.name))
+                     or [path])
     unique = list(dict.fromkeys(p.resolve() for p in found))
     if not unique:
         raise UserError(f"No run directories given to the report; valid: {_VALID_DIR}.")
@@ -51,15 +52,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{path} does not exist; valid: {_VALID_DIR}.")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
+            problem = "" if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                else "not a JSON object with an integer step"
         except json.JSONDecodeError as e:
-            record = e.msg
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            problem = record if isinstance(record, str) else "not an object with an integer step"
+            problem = f"invalid JSON: {e.msg}"
+        if problem:
             raise UserError(
                 f"{path}, line {n}, is not a metrics record ({problem}); valid: one JSON "
                 f'object per line with an integer "step" and numeric or null metrics such as '
@@ -81,22 +84,27 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     try:
         tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception as e:
-        raise UserError(f"{path} is not a readable config ({e}); valid: the YAML mapping "
-                        f"that `trntrain train` writes, or no config.yaml at all.") from None
+        tree = str(e)
+    if not isinstance(tree, dict):
+        raise UserError(f"{path} is not a readable config ({tree}); valid: the YAML mapping "
+                        f"that `trntrain train` writes, or no config.yaml at all.")
 
-    def flatten(node: Any, prefix: str) -> dict[str, Any]:
-        if not isinstance(node, dict):
-            return {prefix: node}
-        return {k: v for key, sub in node.items() for k, v in flatten(sub, f"{prefix}{key}.")
-                .items()} if node else {}
+    def flatten(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                flat.update(flatten(value, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value
+        return flat
 
-    return {k.rstrip("."): v for k, v in flatten(tree, "").items()}
+    return flatten(tree, "")
 
 
 def label_runs(runs: list[Run]) -> None:
     """Label each run by the config values that differ between the runs, else by directory."""
-    def ignored(key: str) -> bool:  # differ between any two runs without telling them apart
-        return key.startswith("run.") or key.endswith("dir")
+    def ignored(key: str) -> bool:  # paths and logging: they differ without mattering
+        return key.startswith(("run.", "logging.")) or key.endswith("dir")
 
     differing: list[str] = []
     if len(runs) > 1 and all(r.config for r in runs):
@@ -107,8 +115,10 @@ def label_runs(runs: list[Run]) -> None:
     if len(set(names)) < len(names):
         parent = Path(os.path.commonpath([r.path for r in runs]))
         names = [r.path.relative_to(parent).as_posix() for r in runs]
-    for run, name in zip(runs, names):
-        run.label = ", ".join(f"{k}={run.config.get(k, '<unset>')}" for k in differing) or name
+    labels = [", ".join(f"{k}={r.config.get(k, '<unset>')}" for k in differing) for r in runs]
+    unique = len(set(labels)) == len(labels)  # not so with the same setting in two sweeps
+    for run, label, name in zip(runs, labels, names, strict=True):
+        run.label = name if not label else label if unique else f"{label} ({name})"
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -118,11 +128,11 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
-def last(records: list[dict[str, Any]], key: str) -> float | None:
-    """The value at the last record holding `key`: nan where it was logged as null
-    (non-finite), None where no record holds it."""
+def at(records: list[dict[str, Any]], key: str, index: int) -> float | None:
+    """The value of `key` in the first (index 0) or last (-1) record holding it: nan where
+    it was logged as null (non-finite), None where no record holds it."""
     values = [r[key] for r in records if key in r]
-    return None if not values else (math.nan if values[-1] is None else float(values[-1]))
+    return None if not values else (math.nan if values[index] is None else float(values[index]))
 
 
 def _pyplot() -> Any:
@@ -138,61 +148,62 @@ def _pyplot() -> Any:
     return plt
 
 
-def _finish(plt: Any, fig: Any, axes: list[Any], path: Path) -> None:
-    for ax in axes:
-        if ax.has_data():
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+def _save(plt: Any, fig: Any, axes: list[Any], path: Path, extra: tuple[Any, ...] = ()) -> None:
+    """Step axis and grid on each plot, legend (plus `extra` handles) on the first; save."""
+    for i, ax in enumerate(axes):
         ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if not ax.has_data():
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        elif i == 0:
+            handles = [*ax.get_legend_handles_labels()[0], *extra]
+            ax.legend(handles=handles, labels=[h.get_label() for h in handles],
+                      fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_runs(runs: list[Run], out_dir: Path) -> None:
+    """loss.png, lr.png, throughput.png and memory.png: all runs overlaid, one color each."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, run in enumerate(runs):
-        ax.plot(*series(run.records, "loss"), color=f"C{i}", label=run.label)
-        ax.plot(*series(run.records, "eval_loss"), "o", color=f"C{i}", markersize=6)
-    axes_handles = ax.get_legend_handles_labels()
-    if any(series(r.records, "eval_loss")[0] for r in runs):
-        ax.legend(handles=[*axes_handles[0], Line2D([], [], color="gray", marker="o", ls="")],
-                  labels=[*axes_handles[1], "eval loss (markers)"], fontsize="small")
-    ax.set(title="Training loss (lines) and evaluation loss (markers)", ylabel="loss")
-    for name, key, title in [("lr.png", "lr", "Learning rate"),
-                             ("throughput.png", "tokens_per_s", "Throughput (tokens/s)")]:
-        other, oax = plt.subplots(figsize=(8, 5))
+    def draw(ax: Any, key: str, style: str = "-", labelled: bool = True) -> None:
         for i, run in enumerate(runs):
-            oax.plot(*series(run.records, key), color=f"C{i}", label=run.label)
-        oax.set(title=title, ylabel=key)
-        _finish(plt, other, [oax], out_dir / name)
-    if ax.get_legend() is not None:  # keep the legend with the eval-marker entry
-        ax.grid(alpha=0.3)
-        ax.set_xlabel("step")
-        fig.tight_layout()
-        fig.savefig(out_dir / "loss.png", dpi=100)
-        plt.close(fig)
-    else:
-        _finish(plt, fig, [ax], out_dir / "loss.png")
+            ax.plot(*series(run.records, key), style, color=f"C{i}",
+                    label=run.label if labelled else None)
 
-    mem_keys = memory_keys(runs)
-    cols = 2 if len(mem_keys) > 1 else 1
-    rows = max(1, math.ceil(len(mem_keys) / cols))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    draw(ax, "loss")
+    draw(ax, "eval_loss", "o", labelled=False)
+    has_eval = any(series(r.records, "eval_loss")[0] for r in runs)
+    marker = Line2D([], [], color="gray", marker="o", ls="", label="eval loss (markers)")
+    ax.set(title="Training loss (lines) and evaluation loss (markers)", ylabel="loss")
+    _save(plt, fig, [ax], out_dir / "loss.png", (marker,) if has_eval else ())
+    for name, key, title in [("lr.png", "lr", "Learning rate"),
+                             ("throughput.png", "tokens_per_s", "Throughput")]:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        draw(ax, key)
+        ax.set(title=title, ylabel="tokens/s" if key == "tokens_per_s" else key)
+        _save(plt, fig, [ax], out_dir / name)
+
+    keys = memory_keys(runs)
+    cols = 2 if len(keys) > 1 else 1
+    rows = max(1, math.ceil(len(keys) / cols))
     fig, grid = plt.subplots(rows, cols, figsize=(6 * cols, 3.5 * rows), squeeze=False)
-    axes = list(grid.flat)
-    for key, max_ in zip(mem_keys, axes):
-        for i, run in enumerate(runs):
-            max_.plot(*series(run.records, key), color=f"C{i}", label=run.label)
-        max_.set(title=key.removeprefix("mem_").removesuffix("_gib"), ylabel="GiB")
-    for spare in axes[max(1, len(mem_keys)):]:
+    axes = list(grid.flat)[:max(1, len(keys))]
+    for spare in list(grid.flat)[len(axes):]:
         spare.remove()
-    fig.suptitle("Memory per rank")
-    _finish(plt, fig, axes[:max(1, len(mem_keys))], out_dir / "memory.png")
+    for key, ax in zip(keys, axes, strict=False):
+        draw(ax, key)
+        ax.set(title=_short(key), ylabel="GiB")
+    fig.suptitle("Memory per rank (mem_*_gib)")
+    _save(plt, fig, axes, out_dir / "memory.png")
+
+
+def _short(mem_key: str) -> str:
+    return mem_key.removeprefix("mem_").removesuffix("_gib")
 
 
 def memory_keys(runs: list[Run]) -> list[str]:
@@ -200,40 +211,38 @@ def memory_keys(runs: list[Run]) -> list[str]:
     return [k for k in keys if k.startswith("mem_") and k.endswith("_gib")]
 
 
-def summarize(runs: list[Run]) -> str:
-    """The summary table: one row per run, then the best run of a comparison."""
-    def fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
+
+def _row(run: Run, mem_keys: list[str]) -> list[str]:
+    records = run.records
+    tokens_per_s = series(records[1:], "tokens_per_s")[1]  # the first record holds warm-up
+    return [run.label, str(max(r["step"] for r in records)),
+            _fmt(at(records, "loss", 0), ".4f"), _fmt(at(records, "loss", -1), ".4f"),
+            _fmt(min(series(records, "eval_loss")[1], default=None), ".4f"),
+            _fmt(at(records, "eval_loss", -1), ".4f"),
+            _fmt(statistics.median(tokens_per_s) if tokens_per_s else None, ",.0f"),
+            *(_fmt(max(series(records, k)[1], default=None), ".3f") for k in mem_keys)]
+
+
+def summarize(runs: list[Run]) -> str:
+    """The summary table, one row per run; for a comparison, the run with the lowest loss."""
     mem_keys = memory_keys(runs)
-    header = ["run", "steps", "loss first", "loss final", "eval best", "eval final", "tokens/s",
-              *(k.removeprefix("mem_").removesuffix("_gib") for k in mem_keys)]
-    rows = []
-    for run in runs:
-        loss, evals = series(run.records, "loss")[1], series(run.records, "eval_loss")[1]
-        tps = series(run.records[1:], "tokens_per_s")[1]
-        first_loss = next((r["loss"] for r in run.records if "loss" in r), None)
-        rows.append([run.label, str(max(r["step"] for r in run.records)),
-                     fmt(math.nan if first_loss is None and loss else first_loss, ".4f"),
-                     fmt(last(run.records, "loss"), ".4f"), fmt(min(evals, default=None), ".4f"),
-                     fmt(last(run.records, "eval_loss"), ".4f"),
-                     fmt(statistics.median(tps) if tps else None, ",.0f"),
-                     *(fmt(max(series(run.records, k)[1], default=None), ".3f")
-                       for k in mem_keys)])
-    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
-                       for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
-             for row in [header, *rows]]
-    lines += ["", "tokens/s: median over the records after the first (warm-up); memory: peak GiB "
-              "per rank.", "", "runs:"]
-    lines += [f"  {run.label.ljust(widths[0])}  {run.path}" for run in runs]
+    table = [["run", "steps", "loss first", "loss final", "eval best", "eval final", "tokens/s",
+              *map(_short, mem_keys)], *(_row(run, mem_keys) for run in runs)]
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+    lines = ["  ".join(cell.rjust(w) if c else cell.ljust(w)
+                       for c, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in table]
+    lines += ["", "tokens/s: median after the first record (warm-up); memory: peak GiB per rank."]
     if len(runs) > 1:
         for key, what in [("loss", "final training loss"), ("eval_loss", "final eval loss")]:
             finals = [(v, r.label) for r in runs
-                      if (v := last(r.records, key)) is not None and math.isfinite(v)]
+                      if (v := at(r.records, key, -1)) is not None and math.isfinite(v)]
             if finals:
-                value, label = min(finals)
-                lines.append(f"lowest {what}: {label} ({value:.4f})")
+                lines.append(f"lowest {what}: {min(finals)[1]} ({min(finals)[0]:.4f})")
+        lines += ["", "runs:", *(f"  {r.label.ljust(widths[0])}  {r.path}" for r in runs)]
     return "\n".join(lines) + "\n"
 
 
