@@ -180,8 +180,15 @@ class BackendConfig:
 class ClusterConfig:
     name: str = "local"
     nodes: int = 1
-    # Worker processes per node; None: one per device (CPU: 1).
+    # Worker processes per node, one per NeuronCore (or GPU); None on `local`: any.
     procs_per_node: int | None = None
+    # Accelerator memory per process, GiB (None: not a constraint).
+    memory_per_core_gib: float | None = None
+    # Dense BF16 peak of one core (process), FLOP/s.
+    peak_flops_per_core: float | None = None
+    # Interconnects, for the planner: within a node (NeuronLink) and between nodes (EFA).
+    intra_node_gbps: float | None = None
+    inter_node_gbps: float | None = None
 
 
 @dataclass

@@ -71,6 +71,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         _validate_optim(cfg)
         _validate_data(cfg)
         _validate_rest(cfg)
+        validate_topology(cfg, world_size)
     except MissingMandatoryValue as err:
         raise ConfigError(err.full_key, "???", "a value: the key is mandatory") from None
     except OmegaConfBaseException as err:
@@ -211,6 +212,32 @@ def _validate_pipeline(cfg: DictConfig, world_size: int) -> None:
                 "1 for gpipe and 1f1b (interleaved_1f1b for more)")
 
 
+def _validate_cluster(cfg: DictConfig) -> None:
+    c = cfg.cluster
+    require(c.nodes > 0, "cluster.nodes", c.nodes, "a positive integer")
+    require(c.procs_per_node is None or c.procs_per_node > 0, "cluster.procs_per_node",
+            c.procs_per_node, "null or a positive integer")
+    if c.procs_per_node is None:
+        return
+    tp = cfg.parallel.tp
+    require(tp <= c.procs_per_node and c.procs_per_node % tp == 0, "parallel.tp", tp,
+            f"a divisor of cluster.procs_per_node={c.procs_per_node} ({c.name})",
+            "a tensor-parallel group must sit on one node's NeuronLink;")
+
+
+def validate_topology(cfg: DictConfig, world_size: int) -> None:
+    """On a named cluster, the processes started must fill its nodes exactly."""
+    c = cfg.cluster
+    if c.procs_per_node is None:
+        return
+    expected = c.nodes * c.procs_per_node
+    require(world_size == expected, "cluster.nodes", c.nodes,
+            f"the node count of the job: {world_size} processes were started but "
+            f"cluster.nodes x cluster.procs_per_node = {c.nodes} x {c.procs_per_node} = "
+            f"{expected} (use cluster=local to run on this machine)",
+            f"cluster={c.name} expects every core of every node in use;")
+
+
 def _validate_train(cfg: DictConfig, world_size: int) -> None:
     t = cfg.train
     _positive(t, "train", "seq_len", "global_batch_size", "max_steps", "eval_batches")
@@ -291,7 +318,7 @@ def _validate_rest(cfg: DictConfig) -> None:
             "null (<run.dir>/checkpoints) or a path")
     require(ck.init_from is None or Path(str(ck.init_from)).is_dir(), "checkpoint.init_from",
             ck.init_from, "null or an existing Hugging Face model directory")
-    require(cfg.cluster.nodes > 0, "cluster.nodes", cfg.cluster.nodes, "a positive integer")
+    _validate_cluster(cfg)
     require(cfg.logging.every > 0, "logging.every", cfg.logging.every, "a positive integer")
     require(cfg.logging.level in LOG_LEVELS, "logging.level", cfg.logging.level,
             f"one of {LOG_LEVELS}")

@@ -1,0 +1,115 @@
+"""launch/: the torchrun wrapper on two "nodes" of this machine, SLURM's dry run,
+shellcheck, the cluster topology checks and the experiment presets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import free_port
+from trntrain.config import ConfigError, compose, config_dir, validate
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SHORT = ["train.max_steps=6", "train.seq_len=32", "train.global_batch_size=8",
+         "train.micro_batch_size=2", "train.eval_every=3", "logging.every=1",
+         "logging.progress_bar=false", "data.max_bytes=300000"]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").open()]
+
+
+def test_two_nodes_tp_inside_pp_across(tmp_path):
+    """Two torchrun agents, c10d rendezvous on 127.0.0.1, 2 processes each: tp=2 on
+    each node's ranks, pp=2 across the nodes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([str(BIN / "trntrain"), "train", *SHORT, "run.dir=single"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr
+    node_env = {**env, "NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()),
+                "RDZV_ID": "two-nodes", "TRNTRAIN_BIN": str(BIN)}
+    args = [str(ROOT / "launch" / "torchrun.sh"), *SHORT, "parallel.tp=2", "parallel.pp=2",
+            "run.dir=two_nodes"]
+    nodes = [subprocess.Popen(args, cwd=tmp_path, env={**node_env, "NODE_RANK": str(n)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr
+    assert losses(tmp_path / "two_nodes") == pytest.approx(losses(tmp_path / "single"),
+                                                           rel=1e-5)
+    log = (tmp_path / "two_nodes" / "train.log").read_text()
+    assert "tp=2 pp=2 dp=1" in log
+    assert sorted(p.name for p in (tmp_path / "two_nodes" / "logs").iterdir()) == [
+        f"rank_{r}.log" for r in range(4)]
+
+
+def test_slurm_dry_run_prints_every_node(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "trn-[1-2]", "PRECOMPILE": "1", "RUN_DIR": "/fsx/runs/77"}
+    fake_scontrol = tmp_path / "scontrol"
+    fake_scontrol.write_text("#!/bin/sh\nprintf 'trn-1\\ntrn-2\\n'\n")
+    fake_scontrol.chmod(0o755)
+    env["PATH"] = f"{tmp_path}:{env['PATH']}"
+    proc = subprocess.run([str(ROOT / "launch" / "slurm_trn1.sbatch"),
+                           "+experiment=llama3_8b_trn1_32nodes"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.count("# node ") == 2 and "# node 1 of 2: trn-2" in out
+    assert out.count("neuron_parallel_compile ") == 2
+    assert "--rdzv-endpoint=trn-1:29500" in out and "--rdzv-id=77" in out
+    assert "--nnodes=2 --nproc-per-node=32" in out
+    assert "cluster.nodes=2 run.dir=/fsx/runs/77 +experiment=llama3_8b_trn1_32nodes" in out
+    assert "FI_PROVIDER=efa" in out and "NEURON_COMPILE_CACHE_URL=/fsx/neuron_cache" in out
+
+
+def test_shell_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck") or str(BIN / "shellcheck")
+    if not Path(shellcheck).exists():
+        pytest.skip("shellcheck not installed")
+    scripts = [str(ROOT / "launch" / n) for n in ("torchrun.sh", "slurm_trn1.sbatch")]
+    proc = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_kubernetes_manifest_is_a_pytorchjob():
+    job = yaml.safe_load((ROOT / "launch" / "k8s" / "pytorchjob.yaml").read_text())
+    assert job["kind"] == "PyTorchJob"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] + replicas["Worker"]["replicas"] == 32
+    args = replicas["Worker"]["template"]["spec"]["containers"][0]["args"]
+    assert "--nproc-per-node=32" in args and "+experiment=llama3_8b_trn1_32nodes" in args
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (config_dir() / "experiment").iterdir()))
+def test_experiment_presets_are_valid_layouts(name):
+    cfg = compose([f"+experiment={name}"])
+    cores = cfg.cluster.procs_per_node or 1
+    validate(cfg, cfg.cluster.nodes * cores)
+    p = cfg.parallel
+    world = cfg.cluster.nodes * cores
+    assert world % (p.tp * p.pp) == 0 and p.tp <= cores
+
+
+@pytest.mark.parametrize(("overrides", "world_size", "key", "valid"), [
+    (["cluster=trn1_32xlarge", "cluster.nodes=2", "train.global_batch_size=64"], 32,
+     "cluster.nodes",
+     "32 processes were started but cluster.nodes x cluster.procs_per_node = 2 x 32 = 64"),
+    (["cluster=trn1_32xlarge", "parallel.tp=64", "model=llama3_70b"], 64, "parallel.tp",
+     "a divisor of cluster.procs_per_node=32"),
+])
+def test_topology_errors(overrides, world_size, key, valid):
+    with pytest.raises(ConfigError) as info:
+        validate(compose(overrides), world_size)
+    assert info.value.key == key and valid in str(info.value)
