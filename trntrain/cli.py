@@ -24,6 +24,8 @@ commands:
   convert  SRC DST [--to hf|dcp]: a run's checkpoint or a DCP checkpoint to a Hugging
            Face directory, or back
   report   RUN_DIR [RUN_DIR ...]: plots and a summary; several runs or a sweep overlaid
+  launch   [--master-addr=HOST] [overrides]: print each node's torchrun command for the
+           configured cluster (a dry run: nothing is started)
   models   list the model sizes of conf/model with their parameter counts
 
 Run `trntrain train --help` for the config groups and keys."""
@@ -137,6 +139,40 @@ def report_command(argv: list[str]) -> None:
     print(f"plots and summary in {out}")
 
 
+def launch_command(argv: list[str]) -> None:
+    """Print, for every node of the configured cluster, the torchrun command to start."""
+    import shlex
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trntrain.config import compose, register_configs, validate
+    from trntrain.config.compose_errors import explain
+
+    register_configs()
+    addr = next((a.split("=", 1)[1] for a in argv if a.startswith("--master-addr=")),
+                "$MASTER_ADDR")
+    overrides = [a for a in argv if not a.startswith("--")]
+    try:
+        cfg = compose(overrides)
+        procs = cfg.cluster.procs_per_node or 1
+        validate(cfg, cfg.cluster.nodes * procs)
+    except (HydraException, OmegaConfBaseException) as err:
+        fail(explain(err))
+    except UserError as err:
+        fail(str(err))
+    nodes = cfg.cluster.nodes
+    for node in range(nodes):
+        rendezvous = (["--standalone"] if nodes == 1 else
+                      ["--rdzv-backend=c10d", f"--rdzv-endpoint={addr}:29500",
+                       "--rdzv-id=trntrain"])
+        command = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={procs}", *rendezvous,
+                   "-m", "trntrain", "train", *overrides]
+        print(f"# node {node} of {nodes} ({cfg.cluster.name})")
+        print(" ".join(shlex.quote(c) if not c.startswith("--rdzv-endpoint") else c
+                       for c in command))
+
+
 def run_hydra(task: Callable[[DictConfig], None], argv: list[str]) -> None:
     import hydra
 
@@ -164,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         convert_command(rest)
     elif command == "report":
         report_command(rest)
+    elif command == "launch":
+        launch_command(rest)
     else:
-        fail(f"unknown command {command!r}; valid: train, convert, report, models "
+        fail(f"unknown command {command!r}; valid: train, convert, report, launch, models "
              f"(see trntrain --help).")
 
 

@@ -113,3 +113,16 @@ def test_topology_errors(overrides, world_size, key, valid):
     with pytest.raises(ConfigError) as info:
         validate(compose(overrides), world_size)
     assert info.value.key == key and valid in str(info.value)
+
+
+def test_trntrain_launch_prints_each_nodes_command():
+    proc = subprocess.run([str(BIN / "trntrain"), "launch", "+experiment=llama3_8b_trn1_64nodes",
+                           "--master-addr=10.1.2.3"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines.count("# node 63 of 64 (trn1_32xlarge)") == 1 and len(lines) == 128
+    assert ("torchrun --nnodes=64 --nproc-per-node=32 --rdzv-backend=c10d "
+            "--rdzv-endpoint=10.1.2.3:29500") in lines[1]
+    bad = subprocess.run([str(BIN / "trntrain"), "launch", "cluster=trn1_32xlarge",
+                          "parallel.tp=3"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "parallel.tp=3 is invalid" in bad.stderr
