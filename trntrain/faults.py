@@ -6,8 +6,9 @@ the step to stop after, a checkpoint is written and the process exits with 0.
 
 TRNTRAIN_FAULT=kill:STEP[:RANK] makes rank RANK (default 0) kill itself with
 SIGKILL after optimizer step STEP; kill_during_save:STEP[:RANK] does it while the
-checkpoint of step STEP is half written. Only in the first attempt of a torchrun
-job (TORCHELASTIC_RESTART_COUNT unset or 0): the recovery tests use them.
+checkpoint of step STEP is half written; nan:STEP[:RANK] makes that rank's loss NaN
+at step STEP. Only in the first attempt of a torchrun job
+(TORCHELASTIC_RESTART_COUNT unset or 0): the recovery tests use them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ import torch
 import torch.distributed as dist
 
 from trntrain.distributed import World, host_group
+from trntrain.errors import UserError
+
+
+class NonFiniteError(UserError):
+    """Training stopped on a non-finite loss or gradient (train.nonfinite=stop)."""
 
 
 class StopRequest:
@@ -51,13 +57,26 @@ class StopRequest:
         return bool(flag.item())
 
 
-def inject_fault(point: str, step: int, world: World) -> None:
-    """Called at `point` ("step" or "save") of step `step`; acts if TRNTRAIN_FAULT says so."""
+def _fault() -> tuple[str, int, int] | None:
     spec = os.environ.get("TRNTRAIN_FAULT", "")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
+        return None
     kind, *args = spec.split(":")
+    return kind, int(args[0]), int(args[1]) if len(args) > 1 else 0
+
+
+def loss_fault(step: int, world: World) -> float:
+    """1.0, or NaN where TRNTRAIN_FAULT=nan:STEP:RANK says this loss goes bad."""
+    fault = _fault()
+    return float("nan") if fault == ("nan", step, world.rank) else 1.0
+
+
+def inject_fault(point: str, step: int, world: World) -> None:
+    """Called at `point` ("step" or "save") of step `step`; acts if TRNTRAIN_FAULT says so."""
+    fault = _fault()
+    if fault is None:
+        return
+    kind, at_step, rank = fault
     wanted = {"kill": "step", "kill_during_save": "save"}.get(kind)
-    rank = int(args[1]) if len(args) > 1 else 0
-    if wanted == point and step == int(args[0]) and world.rank == rank:
+    if wanted == point and step == at_step and world.rank == rank:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -8,6 +8,7 @@ device round trip every step.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -28,8 +29,8 @@ from trntrain.checkpoint.hf import load_hf_weights
 from trntrain.checkpoint.manager import CheckpointManager, verify_checksums
 from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
-from trntrain.distributed import World
-from trntrain.faults import StopRequest, inject_fault
+from trntrain.distributed import World, host_group
+from trntrain.faults import NonFiniteError, StopRequest, inject_fault, loss_fault
 from trntrain.metrics import build_metrics_logger
 from trntrain.metrics.flops import mfu
 from trntrain.metrics.memory import optimizer_state_bytes, static_memory
@@ -160,6 +161,8 @@ class Trainer:
         self.checkpoint_group = (dist.new_group(backend="gloo")
                                  if cfg.checkpoint["async"] and dist.is_initialized() else None)
         self.pending_save: tuple[Future, int] | None = None
+        self.step = 0  # the optimizer step being taken (1-based)
+        self.skipped_steps: list[int] = []
         # Host seconds per phase since the last metrics record (on a lazy backend: the
         # time to trace, not to run).
         self.phase_s: dict[str, float] = defaultdict(float)
@@ -257,18 +260,51 @@ class Trainer:
         mean_loss = self.forward_backward(micro_batches)
         start = time.perf_counter()
         max_norm, mesh = self.cfg.optim.max_grad_norm, self.mesh
+        optimizer = self.sharded if self.sharded is not None else self.optimizer
         if self.sharded is not None:
             grad_norm = self.sharded.clip_grad_norm_(max_norm, mesh.tp_group, mesh.pp_group)
-            self.backend.optimizer_step(self.sharded)
-            self.sharded.zero_grad()
         else:
             grad_norm = clip_grad_norm_(self.params, max_norm, mesh.tp_group, mesh.pp_group)
-            self.backend.optimizer_step(self.optimizer)
-            self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite_step(mean_loss, grad_norm):
+            optimizer.zero_grad(set_to_none=True)  # skipped: weights and state unchanged
+            self.backend.step_boundary()
+            return mean_loss, grad_norm
+        self.backend.optimizer_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         self.backend.step_boundary()
         self.phase_s["optimizer"] += time.perf_counter() - start
         return mean_loss, grad_norm
+
+    def nonfinite_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Apply train.nonfinite to this step; True if it is to be skipped.
+
+        The gradient norm is global (every rank computes the same value after the
+        reductions), so all ranks take the same decision. Reading it is a host
+        synchronisation: on a lazy backend it is done at logging steps only.
+        """
+        policy = self.cfg.train.nonfinite
+        if policy == "ignore" or self.backend.lazy or torch.isfinite(grad_norm).item():
+            return False
+        bad_ranks = [None] * self.world.world_size
+        local = bool(torch.isfinite(loss).item())
+        if dist.is_initialized():
+            dist.all_gather_object(bad_ranks, None if local else self.world.rank,
+                                   group=host_group())
+        else:
+            bad_ranks = [None if local else 0]
+        seen = [r for r in bad_ranks if r is not None]
+        where = (f"the loss of rank(s) {seen}" if seen
+                 else "the gradients (every rank's loss was finite)")
+        message = (f"step {self.step}: non-finite gradient norm ({grad_norm.item()}), first "
+                   f"seen in {where}")
+        if policy == "stop":
+            raise NonFiniteError(
+                f"{message}; stopped before applying it (train.nonfinite=stop): the weights "
+                f"and the last checkpoint are those of step {self.step - 1} or earlier.")
+        logger.warning("%s; skipped (train.nonfinite=skip): weights unchanged", message)
+        self.skipped_steps.append(self.step)
+        return True
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate the gradient of the mean loss, reduced over tp, tied stages and dp.
@@ -285,6 +321,7 @@ class Trainer:
             for inputs, labels in micro_batches:
                 with self.backend.autocast(self.cfg.train.precision):
                     loss = self.loss_fn(self.model(inputs), labels)
+                loss = loss * loss_fault(self.step, self.world)
                 (loss / accumulation).backward()
                 loss_sum += loss.detach()
             mean_loss = loss_sum / accumulation
@@ -342,6 +379,12 @@ class Trainer:
     def log_record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
                    window_steps: int, elapsed: float) -> dict[str, Any]:
         """The metrics of a logging step: the only place values are read from the device."""
+        if self.backend.lazy and self.cfg.train.nonfinite != "ignore" and not math.isfinite(
+                grad_norm.item()):
+            raise NonFiniteError(
+                f"non-finite gradient norm seen at logging step {step} (on a lazy backend "
+                f"train.nonfinite is checked at logging steps only; the weights may already "
+                f"hold it, resume from the last checkpoint)")
         record = {
             "step": step,
             "loss": self.reduce_loss(loss),
@@ -408,6 +451,7 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 for step, micro_batches in enumerate(steps, start=start + 1):
+                    self.step = step
                     loss, grad_norm = self.train_step(micro_batches)
                     window_steps += 1
                     bar.update(1)

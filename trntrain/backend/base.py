@@ -22,6 +22,8 @@ class Backend:
     name: ClassVar[str]
     # The torch.distributed process-group backend.
     dist_backend: ClassVar[str]
+    # Lazy tensors (XLA): reading a value back inside a step costs a device round trip.
+    lazy: ClassVar[bool] = False
 
     def __init__(self, local_rank: int = 0, cfg: DictConfig | None = None) -> None:
         self.local_rank = local_rank

@@ -22,6 +22,7 @@ from trntrain.backend.base import Backend, host_peak_rss_gib
 class XlaBackend(Backend):
     name = "xla"
     dist_backend = "xla"
+    lazy = True
     default_pjrt_device = "CPU"
 
     def __init__(self, local_rank: int = 0, cfg: DictConfig | None = None) -> None:

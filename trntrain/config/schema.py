@@ -85,6 +85,10 @@ class TrainConfig:
     master_weights: bool = True
     # bf16 with master weights: sum micro-batch gradients in fp32 rather than bf16.
     fp32_grad_accumulation: bool = False
+    # A non-finite loss or gradient norm: stop (before applying it), skip the step
+    # (weights and optimizer state unchanged; every rank agrees), or ignore (no check:
+    # the check reads the norm back every step, which lazy backends do at logging steps).
+    nonfinite: str = "stop"
     eval_every: int = 100
     eval_batches: int = 8
 

@@ -256,6 +256,8 @@ def _validate_train(cfg: DictConfig, world_size: int) -> None:
         f"({dp}) = {per_step}, e.g. {per_step * max(t.global_batch_size // per_step, 1)}",
     )
     require(t.precision in PRECISIONS, "train.precision", t.precision, f"one of {PRECISIONS}")
+    require(t.nonfinite in ("stop", "skip", "ignore"), "train.nonfinite", t.nonfinite,
+            "stop, skip or ignore")
     require(t.eval_every >= 0, "train.eval_every", t.eval_every, "0 (no evaluation) or more")
     require(not t.fp32_grad_accumulation or (t.precision == "bf16" and t.master_weights),
             "train.fp32_grad_accumulation", t.fp32_grad_accumulation,
