@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import time
 from types import FrameType
 
 import torch
@@ -53,6 +55,7 @@ class StopRequest:
         if world.world_size == 1:
             return self.requested
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        note("all_reduce of the stop request over all ranks")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
         return bool(flag.item())
 
@@ -80,3 +83,64 @@ def inject_fault(point: str, step: int, world: World) -> None:
     wanted = {"kill": "step", "kill_during_save": "save"}.get(kind)
     if wanted == point and step == at_step and world.rank == rank:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Watchdog:
+    """Turns a hang into an error: a thread that stops this process when it has made
+    no progress for `timeout_s` seconds, naming the step and what it was waiting in.
+
+    Progress is noted at every step and before every collective of trntrain's own
+    (comm.py, the gradient buckets, the pipeline transport), so a rank blocked in a
+    collective names it, and a rank stuck in its own code names the step's phase.
+    Each rank stops itself; torchrun then ends the job.
+    """
+
+    def __init__(self, timeout_s: float, world: World) -> None:
+        self.timeout_s = timeout_s
+        self.world = world
+        self.activity = "start-up"
+        self.last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="trntrain-watchdog",
+                                        daemon=True)
+
+    def progress(self, activity: str) -> None:
+        self.activity = activity
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.timeout_s / 4, 5.0)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout_s:
+                print(f"trntrain: error: watchdog: rank {self.world.rank} made no progress for "
+                      f"{idle:.0f} s (train.watchdog_s={self.timeout_s:g}) in "
+                      f"{self.activity}; stopping this rank, torchrun stops the others.",
+                      file=sys.stderr, flush=True)
+                os._exit(3)
+
+    def __enter__(self) -> Watchdog:
+        global WATCHDOG
+        if self.timeout_s > 0:
+            WATCHDOG = self
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global WATCHDOG
+        self._stop.set()
+        WATCHDOG = None
+
+
+WATCHDOG: Watchdog | None = None
+
+
+def note(activity: str) -> None:
+    """Record progress with the watchdog, if one runs (a string assignment otherwise)."""
+    if WATCHDOG is not None:
+        WATCHDOG.progress(activity)
+
+
+def stall_fault(step: int, world: World) -> None:
+    """TRNTRAIN_FAULT=stall:STEP[:RANK]: that rank stops making progress at that step."""
+    if _fault() == ("stall", step, world.rank):
+        time.sleep(10**6)

@@ -30,7 +30,15 @@ from trntrain.checkpoint.manager import CheckpointManager, verify_checksums
 from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World, host_group
-from trntrain.faults import NonFiniteError, StopRequest, inject_fault, loss_fault
+from trntrain.faults import (
+    NonFiniteError,
+    StopRequest,
+    Watchdog,
+    inject_fault,
+    loss_fault,
+    note,
+    stall_fault,
+)
 from trntrain.metrics import build_metrics_logger
 from trntrain.metrics.flops import mfu
 from trntrain.metrics.memory import optimizer_state_bytes, static_memory
@@ -38,6 +46,7 @@ from trntrain.models import build_model, materialize
 from trntrain.optim import build_lr_scheduler, build_optimizer, lr_factor
 from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh, clip_grad_norm_
 from trntrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from trntrain.parallel.comm import all_reduce
 from trntrain.parallel.gradients import accumulate_in_fp32
 from trntrain.parallel.pipeline import (
     PipelineGroups,
@@ -358,12 +367,9 @@ class Trainer:
 
     def reduce_loss(self, value: torch.Tensor) -> float:
         """The loss of the whole pipeline (held by the last stage), averaged over dp."""
-        value = value.clone()
-        if self.mesh.pp_group is not None:
-            dist.all_reduce(value, group=self.mesh.pp_group)
+        value = all_reduce(value.clone(), self.mesh.pp_group)
         if self.mesh.dp_group is not None:
-            dist.all_reduce(value, group=self.mesh.dp_group)
-            value /= self.mesh.dims.dp
+            value = all_reduce(value, self.mesh.dp_group) / self.mesh.dims.dp
         return value.item()
 
     # -- the loop ---------------------------------------------------------------------------
@@ -449,9 +455,11 @@ class Trainer:
             self.backend.batches(self.train_batches.steps(start, self.max_steps)))
         window_start, window_steps = time.perf_counter(), 0
         try:
-            with StopRequest() as stop:
+            with StopRequest() as stop, Watchdog(self.cfg.train.watchdog_s, self.world):
                 for step, micro_batches in enumerate(steps, start=start + 1):
                     self.step = step
+                    note(f"step {step}")
+                    stall_fault(step, self.world)
                     loss, grad_norm = self.train_step(micro_batches)
                     window_steps += 1
                     bar.update(1)

@@ -229,3 +229,25 @@ def test_sweep_then_report_overlays_both_runs(tmp_path):
     assert "lowest final training loss" in proc.stdout
     bad = run([TRNTRAIN, "report", str(tmp_path / "nowhere")], tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_watchdog_ends_a_stalled_job_with_its_message(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRNTRAIN_FAULT": "stall:3:1"}
+    start = time.monotonic()
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "trntrain",
+                           "train", *SHORT, "train.watchdog_s=5", "run.dir=run"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "watchdog: rank 1 made no progress" in proc.stderr and "in step 3" in proc.stderr
+    assert "watchdog: rank 0 made no progress" in proc.stderr
+    assert "over ranks [0, 1]" in proc.stderr  # what rank 0 was waiting in
+
+
+def test_nonfinite_stop_from_the_command_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRNTRAIN_FAULT": "nan:4:0"}
+    proc = subprocess.run([TRNTRAIN, "train", *SHORT, "run.dir=run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "trntrain: error: step 4: non-finite gradient norm" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -89,6 +89,9 @@ class TrainConfig:
     # (weights and optimizer state unchanged; every rank agrees), or ignore (no check:
     # the check reads the norm back every step, which lazy backends do at logging steps).
     nonfinite: str = "stop"
+    # Stop a rank that makes no progress (a step, a collective) for this many seconds,
+    # naming what it waits in; 0 disables. Graph compilation on Neuron counts: raise it.
+    watchdog_s: float = 1800.0
     eval_every: int = 100
     eval_batches: int = 8
 

@@ -258,6 +258,7 @@ def _validate_train(cfg: DictConfig, world_size: int) -> None:
     require(t.precision in PRECISIONS, "train.precision", t.precision, f"one of {PRECISIONS}")
     require(t.nonfinite in ("stop", "skip", "ignore"), "train.nonfinite", t.nonfinite,
             "stop, skip or ignore")
+    require(t.watchdog_s >= 0, "train.watchdog_s", t.watchdog_s, "seconds >= 0 (0: off)")
     require(t.eval_every >= 0, "train.eval_every", t.eval_every, "0 (no evaluation) or more")
     require(not t.fp32_grad_accumulation or (t.precision == "bf16" and t.master_weights),
             "train.fp32_grad_accumulation", t.fp32_grad_accumulation,

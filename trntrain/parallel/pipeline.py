@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trntrain.faults import note
 from trntrain.parallel.comm import COMM_STATS, Group
 from trntrain.parallel.pipeline_schedule import (
     Action,
@@ -101,6 +102,7 @@ class Arrival:
 
     def get(self) -> torch.Tensor:
         if self.work is not None:
+            note("a pipeline receive from the neighbouring stage")
             self.work.wait()
             self.work = None
         return self.tensor
@@ -175,6 +177,7 @@ class AllGatherTransport(Transport):
                     else torch.zeros(self.shape, dtype=self.dtype, device=self.device))
             out = torch.empty((2, *self.shape), dtype=self.dtype, device=self.device)
             COMM_STATS.record("pp_allgather", out)
+            note(f"the pipeline all-gather of stages {pair}")
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             gather(out, mine.unsqueeze(0), group=self.groups.pairs[pair])
             if recv is not None:
