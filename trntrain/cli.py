@@ -67,6 +67,15 @@ def train_task(cfg: DictConfig) -> None:
         Trainer(cfg, world, run_dir, backend).fit()
     except UserError as err:
         fail(str(err))
+    except Exception as err:
+        from trntrain.faults import is_peer_failure
+
+        if not is_peer_failure(err):
+            raise  # the cause: Hydra prints its traceback, once
+        # Another rank failed first and printed its error: one line here, not a wall.
+        print(f"trntrain: rank {world.rank} stopped: another rank failed (its error is shown "
+              f"above or in its logs/rank_<r>.log)", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         destroy_process_group()
 

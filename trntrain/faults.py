@@ -141,6 +141,19 @@ def note(activity: str) -> None:
 
 
 def stall_fault(step: int, world: World) -> None:
-    """TRNTRAIN_FAULT=stall:STEP[:RANK]: that rank stops making progress at that step."""
-    if _fault() == ("stall", step, world.rank):
+    """TRNTRAIN_FAULT=stall:STEP[:RANK]: that rank stops making progress at that step;
+    raise:STEP[:RANK]: it fails with an exception, as a bug in its data or model code."""
+    fault = _fault()
+    if fault == ("stall", step, world.rank):
         time.sleep(10**6)
+    if fault == ("raise", step, world.rank):
+        raise RuntimeError(f"injected failure on rank {world.rank} at step {step}")
+
+
+PEER_FAILURE_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                      "connectFullMesh", "NCCL communicator was aborted")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective that failed because another rank died: a consequence, not a cause."""
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_FAILURE_SIGNS)

@@ -251,3 +251,15 @@ def test_nonfinite_stop_from_the_command_line(tmp_path):
     assert proc.returncode == 2
     assert "trntrain: error: step 4: non-finite gradient norm" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_one_rank_failing_brings_the_job_down_with_its_error_once(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRNTRAIN_FAULT": "raise:3:1"}
+    start = time.monotonic()
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "trntrain",
+                           "train", *SHORT, "run.dir=run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    assert proc.stderr.count("RuntimeError: injected failure on rank 1 at step 3") == 1
+    assert "trntrain: rank 0 stopped: another rank failed" in proc.stderr
+    assert proc.stderr.count("Traceback") <= 2  # the failing rank's, and torchrun's summary
