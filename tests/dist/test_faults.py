@@ -35,7 +35,14 @@ def skip_run(rank: int, world_size: int) -> dict:
         trainer.step = step
         loss, norm = trainer.train_step(batches.step(step - 1))
         weights[step] = full_params(trainer)
+    # The same run on the data without the bad batch: batches 1, 2, 4, 5.
+    without = Trainer(tiny_config("train.max_steps=5", "train.nonfinite=skip", *LAYOUT),
+                      World(rank, world_size, rank))
+    for index in (0, 1, 3, 4):
+        without.step = 100 + index  # outside the injected fault
+        without.train_step(batches.step(index))
     return {"skipped": trainer.skipped_steps, "weights": weights,
+            "without_bad_batch": full_params(without),
             "final_loss": trainer.reduce_loss(loss), "adam_steps": [
                 float(s["step"]) for s in trainer.optimizer.state.values()][:1]}
 
@@ -49,6 +56,7 @@ def test_skip_agreed_by_every_rank(distributed, monkeypatch):
         assert result["weights"][4] != result["weights"][3]
         assert torch.isfinite(torch.tensor(result["weights"][5])).all()
         assert result["adam_steps"] == [4.0]  # five steps, one skipped
+        assert result["weights"][5] == result["without_bad_batch"]  # bitwise
     assert all(r["weights"] == results[0]["weights"] for r in results)
 
 
