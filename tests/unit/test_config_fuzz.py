@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from trntrain.cli import main
 
+# Every value here is invalid whatever else is set (VALID_SOMETIMES cannot rescue it):
+# a valid combination would start a real run.
 KEYS = {
-    "model.dim": st.integers(-64, 100), "model.n_heads": st.integers(-2, 13),
-    "model.n_kv_heads": st.integers(-2, 13), "model.vocab_size": st.integers(-5, 300),
+    "model.dim": st.integers(-64, 0), "model.n_heads": st.integers(-2, 0),
+    "model.n_kv_heads": st.integers(-2, 0), "model.vocab_size": st.integers(-5, 256),
     "model.n_layers": st.integers(-2, 0), "train.max_steps": st.integers(-5, 0),
     "train.seq_len": st.sampled_from([0, -1, 5000, 100000]),
     "train.global_batch_size": st.integers(-3, 0), "train.micro_batch_size": st.integers(-3, 0),
@@ -47,7 +49,7 @@ def invalid_overrides(draw) -> list[str]:
     return draw(st.permutations(overrides))
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=invalid_overrides())
 def test_invalid_train_overrides_exit_cleanly(overrides, capfd, tmp_path, monkeypatch):
