@@ -98,25 +98,15 @@ class Watchdog:
     def __init__(self, timeout_s: float, world: World) -> None:
         self.timeout_s = timeout_s
         self.world = world
-        self.activity: tuple = ("start-up",)
+        self.activity = "start-up"
         self.last = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="trntrain-watchdog",
                                         daemon=True)
 
-    def progress(self, *activity: object) -> None:
-        # Kept as given and put into words only if the watchdog fires: noting progress
-        # happens before every collective and must cost next to nothing.
+    def progress(self, activity: str) -> None:
         self.activity = activity
         self.last = time.monotonic()
-
-    def describe(self) -> str:
-        words = []
-        for part in self.activity:
-            if isinstance(part, dist.ProcessGroup):
-                part = f"over ranks {dist.get_process_group_ranks(part)}"
-            words.append(str(part))
-        return " ".join(words)
 
     def _watch(self) -> None:
         while not self._stop.wait(min(self.timeout_s / 4, 5.0)):
@@ -124,7 +114,7 @@ class Watchdog:
             if idle > self.timeout_s:
                 print(f"trntrain: error: watchdog: rank {self.world.rank} made no progress for "
                       f"{idle:.0f} s (train.watchdog_s={self.timeout_s:g}) in "
-                      f"{self.describe()}; stopping this rank, torchrun stops the others.",
+                      f"{self.activity}; stopping this rank, torchrun stops the others.",
                       file=sys.stderr, flush=True)
                 os._exit(3)
 
@@ -144,11 +134,10 @@ class Watchdog:
 WATCHDOG: Watchdog | None = None
 
 
-def note(*activity: object) -> None:
-    """Record progress with the watchdog, if one runs: words, numbers and process groups,
-    described only if it fires."""
+def note(activity: str) -> None:
+    """Record progress with the watchdog, if one runs (a string assignment otherwise)."""
     if WATCHDOG is not None:
-        WATCHDOG.progress(*activity)
+        WATCHDOG.progress(activity)
 
 
 def stall_fault(step: int, world: World) -> None:

@@ -154,6 +154,7 @@ class Trainer:
         self.tied_grad_reducer = GradientReducer(tied, self.mesh.embedding_group, bucket_mb,
                                                  average=False)
 
+        t = cfg.train
         self.micro_batch_size = micro_batch_size(cfg, world.world_size)
         self.data = build_data_source(cfg)
         self.train_batches = StepBatches(self.data, "train", t.global_batch_size,
@@ -457,7 +458,7 @@ class Trainer:
             with StopRequest() as stop, Watchdog(self.cfg.train.watchdog_s, self.world):
                 for step, micro_batches in enumerate(steps, start=start + 1):
                     self.step = step
-                    note("step", step)
+                    note(f"step {step}")
                     stall_fault(step, self.world)
                     loss, grad_norm = self.train_step(micro_batches)
                     window_steps += 1

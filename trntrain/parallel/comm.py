@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from trntrain.faults import note
-
 Group = dist.ProcessGroup | None
 
 # torch 2.13 renamed the single-tensor collectives; torch 2.9 (Trn1) has only the old names.
@@ -66,11 +64,22 @@ def group_rank(group: Group) -> int:
 
 # -- plain collectives (no autograd) ----------------------------------------------------------
 
+def describe(op: str, group: Group) -> str:
+    return f"{op} over ranks {dist.get_process_group_ranks(group)}"
+
+
+def _note(op: str, group: Group) -> None:
+    from trntrain import faults
+
+    if faults.WATCHDOG is not None:
+        faults.note(describe(op, group))
+
+
 def all_reduce(x: torch.Tensor, group: Group, op: dist.ReduceOp = dist.ReduceOp.SUM
                ) -> torch.Tensor:
     if group_size(group) == 1:
         return x
-    note("all_reduce", group)
+    _note("all_reduce", group)
     x = x.contiguous()
     COMM_STATS.record("all_reduce", x)
     dist.all_reduce(x, op=op, group=group)
@@ -82,7 +91,7 @@ def all_gather_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     size = group_size(group)
     if size == 1:
         return x
-    note("all_gather", group)
+    _note("all_gather", group)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((size * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
     COMM_STATS.record("all_gather", out)
@@ -95,7 +104,7 @@ def reduce_scatter_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     size = group_size(group)
     if size == 1:
         return x
-    note("reduce_scatter", group)
+    _note("reduce_scatter", group)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // size, *moved.shape[1:]), dtype=x.dtype,
                       device=x.device)

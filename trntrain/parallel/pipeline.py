@@ -177,7 +177,7 @@ class AllGatherTransport(Transport):
                     else torch.zeros(self.shape, dtype=self.dtype, device=self.device))
             out = torch.empty((2, *self.shape), dtype=self.dtype, device=self.device)
             COMM_STATS.record("pp_allgather", out)
-            note("the pipeline all-gather of stages", pair)
+            note(f"the pipeline all-gather of stages {pair}")
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             gather(out, mine.unsqueeze(0), group=self.groups.pairs[pair])
             if recv is not None:
