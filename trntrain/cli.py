@@ -7,6 +7,7 @@ message and exit status 2, before any process group is created where possible.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +24,14 @@ commands:
            (Hydra overrides; -m for a sweep; torchrun -m trntrain train ... for several ranks)
   convert  SRC DST [--to hf|dcp]: a run's checkpoint or a DCP checkpoint to a Hugging
            Face directory, or back
+  prepare  INPUT [INPUT ...] --output PREFIX [--tokenizer T] [--workers N]: tokenize
+           JSONL, text or parquet files into an indexed dataset (PREFIX.bin + PREFIX.idx)
   report   RUN_DIR [RUN_DIR ...]: plots and a summary; several runs or a sweep overlaid
   launch   [--master-addr=HOST] [overrides]: print each node's torchrun command for the
            configured cluster (a dry run: nothing is started)
+  plan     [overrides]: memory per core, step time, tokens/s and MFU of the layout on the
+           configured cluster, without running it; plan.search=true ranks every layout
+           that fits; plan.format=json
   models   list the model sizes of conf/model with their parameter counts
 
 Run `trntrain train --help` for the config groups and keys."""
@@ -47,6 +53,12 @@ def train_task(cfg: DictConfig) -> None:
     world = world_from_env()
     try:
         validate(cfg, world.world_size)
+        if world.is_main:
+            from trntrain.plan import fit_warning
+
+            warning = fit_warning(cfg, world.world_size)
+            if warning:
+                print(f"trntrain: warning: {warning}", file=sys.stderr, flush=True)
         if cfg.run.dir:
             ck = cfg.checkpoint
             resumable = ck.name == "dcp" and ck.resume != "never"
@@ -128,6 +140,44 @@ def convert_command(argv: list[str]) -> None:
     print(f"wrote {target} checkpoint to {args.dst}")
 
 
+def prepare_command(argv: list[str]) -> None:
+    import argparse
+    import logging
+
+    from trntrain.data.prepare import Settings, prepare
+
+    parser = argparse.ArgumentParser(prog="trntrain prepare", description=(
+        "Tokenize JSON lines (a document per line), text files (a document per file) or "
+        "parquet files into a Megatron-Core indexed dataset, PREFIX.bin + PREFIX.idx, for "
+        "data=indexed data.path=PREFIX. Every document ends with the end-of-text token. "
+        "Re-running is safe: an up-to-date output is kept, an interrupted run resumes."))
+    parser.add_argument("inputs", nargs="+", help="files, directories or globs")
+    parser.add_argument("--output", "-o", required=True, help="output prefix")
+    parser.add_argument("--tokenizer", default="byte", help="byte (default), a tokenizer.json "
+                        "(or its directory) or a tiktoken file")
+    parser.add_argument("--eot-token", help="the end-of-text token (default: the tokenizer's)")
+    parser.add_argument("--text-key", default="text", help="JSON field / parquet column")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes (default: one per core)")
+    parser.add_argument("--on-bad-line", default="fail", choices=("fail", "skip"),
+                        help="a malformed JSON line stops (fail) or is skipped and counted")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    settings = Settings(args.tokenizer, args.eot_token, args.text_key, args.on_bad_line)
+    try:
+        result = prepare(args.inputs, args.output, settings, args.workers,
+                         progress=not args.no_progress)
+    except UserError as err:
+        fail(str(err))
+    state = "up to date" if result.up_to_date else (
+        f"{result.input_bytes / 1e6:.1f} MB of input in {result.seconds:.1f} s "
+        f"({result.input_bytes / 1e6 / max(result.seconds, 1e-9):.1f} MB/s)")
+    print(f"{result.output} (.bin + .idx): {result.documents} documents, {result.tokens} tokens; "
+          f"{state}" + (f"; {result.skipped_lines} malformed lines skipped"
+                        if result.skipped_lines else ""))
+
+
 def report_command(argv: list[str]) -> None:
     import argparse
 
@@ -182,6 +232,32 @@ def launch_command(argv: list[str]) -> None:
                        for c in command))
 
 
+def plan_command(argv: list[str]) -> None:
+    """Print the memory and step-time plan of the configured layout, or a layout search."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trntrain.config import compose
+    from trntrain.config.compose_errors import explain
+    from trntrain.plan import plan, validate_plan_config
+    from trntrain.plan.report import as_json, table, text
+    from trntrain.plan.search import search
+
+    try:
+        cfg = compose(argv)
+        validate_plan_config(cfg)
+        if cfg.plan.search:
+            plans = search(cfg)
+            print(as_json(plans) if cfg.plan.format == "json" else table(plans, cfg, cfg.plan.top))
+        else:
+            result = plan(cfg)
+            print(as_json(result) if cfg.plan.format == "json" else text(result, cfg))
+    except (HydraException, OmegaConfBaseException) as err:
+        fail(explain(err))
+    except UserError as err:
+        fail(str(err))
+
+
 def run_hydra(task: Callable[[DictConfig], None], argv: list[str]) -> None:
     import hydra
 
@@ -209,11 +285,15 @@ def main(argv: list[str] | None = None) -> None:
         convert_command(rest)
     elif command == "report":
         report_command(rest)
+    elif command == "prepare":
+        prepare_command(rest)
     elif command == "launch":
         launch_command(rest)
+    elif command == "plan":
+        plan_command(rest)
     else:
-        fail(f"unknown command {command!r}; valid: train, convert, report, launch, models "
-             f"(see trntrain --help).")
+        fail(f"unknown command {command!r}; valid: train, prepare, convert, report, launch, plan, "
+             f"models (see trntrain --help).")
 
 
 if __name__ == "__main__":

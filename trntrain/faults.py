@@ -109,13 +109,17 @@ class Watchdog:
         self.last = time.monotonic()
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(self.timeout_s / 4, 5.0)):
+        interval = min(self.timeout_s / 4, 5.0)
+        while not self._stop.wait(interval):
             idle = time.monotonic() - self.last
             if idle > self.timeout_s:
                 print(f"trntrain: error: watchdog: rank {self.world.rank} made no progress for "
                       f"{idle:.0f} s (train.watchdog_s={self.timeout_s:g}) in "
                       f"{self.activity}; stopping this rank, torchrun stops the others.",
                       file=sys.stderr, flush=True)
+                # The peers that wait for this rank stalled moments later: two more checks
+                # let theirs say what they wait in before torchrun ends them.
+                time.sleep(2 * interval)
                 os._exit(3)
 
     def __enter__(self) -> Watchdog:

@@ -157,11 +157,15 @@ class Trainer:
         t = cfg.train
         self.micro_batch_size = micro_batch_size(cfg, world.world_size)
         self.data = build_data_source(cfg)
+        # Only the first stage embeds the inputs and only the last scores the labels.
+        reads = {"inputs": self.mesh.pp_rank == 0, "labels": self.mesh.pp_rank == dims.pp - 1,
+                 "vocab_size": cfg.model.vocab_size}
         self.train_batches = StepBatches(self.data, "train", t.global_batch_size,
-                                         self.micro_batch_size, self.mesh.dp_rank, dims.dp, t.seed)
+                                         self.micro_batch_size, self.mesh.dp_rank, dims.dp,
+                                         **reads)
         self.val_batches = StepBatches(self.data, "val", t.global_batch_size,
-                                       self.micro_batch_size, self.mesh.dp_rank, dims.dp, t.seed,
-                                       shuffle=False)
+                                       self.micro_batch_size, self.mesh.dp_rank, dims.dp,
+                                       shuffle=False, **reads)
         self.tokens_per_step = t.global_batch_size * t.seq_len
         # neuron_parallel_compile only needs each graph traced once.
         self.max_steps = min(t.max_steps, self.backend.step_limit() or t.max_steps)

@@ -1,5 +1,5 @@
-"""Property: any invalid override given to `trntrain train` ends in one clear message
-and exit status 2, never a traceback, a hang or a started run."""
+"""Property: any invalid override given to `trntrain train` or `trntrain plan` ends in one
+clear message and exit status 2, never a traceback, a hang or a started run."""
 
 from __future__ import annotations
 
@@ -40,11 +40,19 @@ VALID_SOMETIMES = {
 }
 
 
+# Invalid for `trntrain plan` only (train ignores the plan section).
+PLAN_KEYS = {
+    **KEYS, "plan.format": st.sampled_from(["xml", "", "JSON"]),
+    "plan.compute_efficiency": st.sampled_from([0, 1.5, -1, "fast"]),
+    "plan.top": st.integers(-3, 0), "plan.search": st.sampled_from(["maybe", "2"]),
+}
+
+
 @st.composite
-def invalid_overrides(draw) -> list[str]:
-    bad = draw(st.lists(st.sampled_from(sorted(KEYS)), min_size=1, max_size=3, unique=True))
+def invalid_overrides(draw, keys: dict = KEYS) -> list[str]:
+    bad = draw(st.lists(st.sampled_from(sorted(keys)), min_size=1, max_size=3, unique=True))
     fine = draw(st.lists(st.sampled_from(sorted(VALID_SOMETIMES)), max_size=2, unique=True))
-    overrides = [f"{k}={draw(KEYS[k])}" for k in bad]
+    overrides = [f"{k}={draw(keys[k])}" for k in bad]
     overrides += [f"{k}={draw(VALID_SOMETIMES[k])}" for k in fine if k not in bad]
     return draw(st.permutations(overrides))
 
@@ -62,3 +70,20 @@ def test_invalid_train_overrides_exit_cleanly(overrides, capfd, tmp_path, monkey
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("trntrain: error: "), (overrides, err)
     assert not (tmp_path / "runs").exists()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides=st.one_of(
+    invalid_overrides(PLAN_KEYS).map(lambda o: ["plan", *o]),
+    # A search sets the layout keys itself: every other bad key must still be reported.
+    invalid_overrides({k: v for k, v in PLAN_KEYS.items() if not k.startswith("parallel.")})
+    .map(lambda o: ["plan", "plan.search=true", "cluster=trn1_32xlarge", *o])))
+def test_invalid_plan_overrides_exit_cleanly(overrides, capfd):
+    with pytest.raises(SystemExit) as info:
+        main(overrides)
+    out, err = capfd.readouterr()
+    assert info.value.code == 2, (overrides, err)
+    assert "Traceback" not in out + err, (overrides, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trntrain: error: "), (overrides, err)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import tiny_config
 from trntrain.data import ByteTokenizer, StepBatches, build_data_source
-from trntrain.data.corpus import corpus_files, is_validation
+from trntrain.data.base import is_validation
+from trntrain.data.corpus import corpus_files
 from trntrain.errors import UserError
 
 
@@ -55,7 +57,7 @@ def test_windows_are_consecutive_slices(tmp_path):
     source = build_data_source(cfg)
     stream = source._streams["train"]
     assert source.num_samples("train") == (len(stream) - 1) // 7
-    windows = source.samples("train", torch.tensor([0, 3]))
+    windows = source.windows("train", torch.tensor([0, 3]))
     assert windows.dtype == torch.int64
     assert windows[1].tolist() == stream[21:29].tolist()
 
@@ -81,13 +83,13 @@ def test_max_bytes_reads_both_splits(corpus_source):
 
 
 def test_step_batches_shard_the_global_batch(corpus_source):
-    full = StepBatches(corpus_source, "train", 8, 8, dp_rank=0, dp_size=1, seed=3)
+    full = StepBatches(corpus_source, "train", 8, 8, dp_rank=0, dp_size=1)
     for step in (0, 5):
         (x, y), = full.step(step)
         assert x.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1])
         shards = []
         for rank in range(4):
-            part = StepBatches(corpus_source, "train", 8, 1, dp_rank=rank, dp_size=4, seed=3)
+            part = StepBatches(corpus_source, "train", 8, 1, dp_rank=rank, dp_size=4)
             micro = part.step(step)
             assert len(micro) == 2 and part.accumulation_steps == 2
             shards += [m[0] for m in micro]
@@ -96,10 +98,11 @@ def test_step_batches_shard_the_global_batch(corpus_source):
 
 def test_epochs_visit_every_window_once_in_a_seeded_order(corpus_source):
     n = corpus_source.num_samples("train")
-    windows = corpus_source.samples("train", torch.arange(n))
+    windows = corpus_source.windows("train", torch.arange(n))
+    sources = {seed: build_data_source(tiny_config(f"train.seed={seed}")) for seed in (7, 8)}
 
     def epoch(seed: int, step: int) -> torch.Tensor:
-        (x, y), = StepBatches(corpus_source, "train", n, n, 0, 1, seed=seed).step(step)
+        (x, y), = StepBatches(sources[seed], "train", n, n, 0, 1).step(step)
         return torch.cat([x, y[:, -1:]], dim=1)
 
     first, second = epoch(7, 0), epoch(7, 1)
@@ -112,15 +115,15 @@ def test_epochs_visit_every_window_once_in_a_seeded_order(corpus_source):
 
 
 def test_validation_batches_are_fixed(corpus_source):
-    val = StepBatches(corpus_source, "val", 8, 8, 0, 1, seed=1, shuffle=False)
+    val = StepBatches(corpus_source, "val", 8, 8, 0, 1, shuffle=False)
     (x, _), = val.step(0)
-    assert torch.equal(x, corpus_source.samples("val", torch.arange(8))[:, :-1])
+    assert torch.equal(x, corpus_source.windows("val", torch.arange(8))[:, :-1])
 
 
 def test_synthetic_source_covers_model_vocab():
     cfg = tiny_config("data=synthetic", "data.num_tokens=5000")
     source = build_data_source(cfg)
-    tokens = torch.cat([source._streams["train"], source._streams["val"]])
+    tokens = torch.from_numpy(np.concatenate([source._streams["train"], source._streams["val"]]))
     assert len(tokens) == 5000
     assert tokens.max().item() < cfg.model.vocab_size and tokens.min().item() >= 0
     assert OmegaConf.select(cfg, "data.source") == "synthetic"

@@ -59,6 +59,8 @@ class DcpCheckpointer(Checkpointer):
         with_optimizer = any(k.endswith(".exp_avg") for k in keys)
         with_master = any(k.endswith(".master") for k in keys)
         state = empty_like_state(trainer, with_optimizer, with_master)
+        if "data.consumed_samples" not in keys:  # saved before positions were recorded
+            del state["data.consumed_samples"]
         missing = sorted(k for k in state if k not in keys)
         if missing:
             raise UserError(

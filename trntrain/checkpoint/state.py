@@ -3,7 +3,8 @@
 Whatever the layout (tp, pp, dp, ZeRO-1, master weights), a checkpoint names the
 same things: `model.<param>` for every parameter of the plain model,
 `optim.<param>.exp_avg` / `.exp_avg_sq` / `.master` for AdamW's moments and the
-fp32 master weights, and a few scalars (`trainer.step`, `optim.step`). A tensor-
+fp32 master weights, and a few scalars (`trainer.step`, `optim.step`, and
+`data.consumed_samples`, the position in the data). A tensor-
 parallel shard is a DTensor over its tp group (Shard on its split dimension), so
 torch.distributed.checkpoint stores the full logical tensor and any other layout
 can read the parts it needs. A tied head is stored once, as the embedding.
@@ -84,6 +85,8 @@ def state_dict(trainer: Trainer, step: int) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {
         "trainer.step": torch.tensor(step, dtype=torch.int64),
         "optim.step": torch.tensor(optimizer_step_count(trainer), dtype=torch.float32),
+        "data.consumed_samples": torch.tensor(trainer.train_batches.consumed_samples(step),
+                                              dtype=torch.int64),
     }
     per_param = optimizer_tensors(trainer)
     for key, p in named_parameters(trainer):
@@ -101,6 +104,7 @@ def empty_like_state(trainer: Trainer, with_optimizer: bool = True,
     out: dict[str, torch.Tensor] = {
         "trainer.step": torch.zeros((), dtype=torch.int64),
         "optim.step": torch.zeros((), dtype=torch.float32),
+        "data.consumed_samples": torch.zeros((), dtype=torch.int64),
     }
     for key, p in named_parameters(trainer):
         out[f"model.{key}"] = sharding.wrap(p, torch.empty_like(p.detach()))
@@ -122,6 +126,10 @@ def apply_state(trainer: Trainer, loaded: dict[str, torch.Tensor], with_optimize
                 ) -> int:
     """Copy a loaded state into the trainer's model and optimizer; returns the step."""
     step = int(loaded["trainer.step"])
+    # The data position: where the run that saved it would have read next.
+    consumed = loaded.get("data.consumed_samples")
+    trainer.train_batches.resume(step, int(consumed) if consumed is not None
+                                 else step * trainer.cfg.train.global_batch_size)
     params = named_parameters(trainer)
     for key, p in params:
         p.copy_(local(loaded[f"model.{key}"]))

@@ -117,6 +117,10 @@ class DataConfig:
     source: str = MISSING
     # Fraction of documents held out for evaluation.
     val_fraction: float = 0.02
+    # Several sources mixed by weight, e.g. [{weight: 0.7, path: a}, {weight: 0.3,
+    # source: jsonl, path: b.jsonl}]: each entry is this data config with its keys
+    # replaced by the entry's. Empty: this source alone.
+    blend: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -136,6 +140,69 @@ class SyntheticDataConfig(DataConfig):
 
     source: str = "synthetic"
     num_tokens: int = 1_000_000
+
+
+@dataclass
+class IndexedDataConfig(DataConfig):
+    """A Megatron-Core indexed dataset (<path>.bin + <path>.idx), memory-mapped."""
+
+    source: str = "indexed"
+    # The prefix: `data/corpus_text_document` for data/corpus_text_document.{bin,idx}.
+    path: str | None = None
+    # The tokenizer that wrote it (byte, a tokenizer.json or tiktoken file), to check
+    # model.vocab_size before the run; None: token ids are checked as they are read.
+    tokenizer: str | None = None
+    eot_token: str | None = None
+
+
+@dataclass
+class TextFilesDataConfig(DataConfig):
+    # A file, a directory or a glob.
+    path: str | None = None
+    # byte | the path of a Hugging Face tokenizer.json (or its directory) | the path of
+    # a tiktoken BPE file (e.g. Llama 3's tokenizer.model).
+    tokenizer: str = "byte"
+    # The token put between documents; None: the tokenizer's end-of-text token.
+    eot_token: str | None = None
+
+
+@dataclass
+class JsonlDataConfig(TextFilesDataConfig):
+    """JSON lines, a document per line, tokenized at start-up."""
+
+    source: str = "jsonl"
+    text_key: str = "text"
+    # fail: stop at the first malformed line; skip: skip such lines and count them.
+    on_bad_line: str = "fail"
+
+
+@dataclass
+class TextDataConfig(TextFilesDataConfig):
+    """Plain UTF-8 text files, a document per file, tokenized at start-up."""
+
+    source: str = "text"
+
+
+@dataclass
+class HFDataConfig(TextFilesDataConfig):
+    """A Hugging Face dataset on local disk (save_to_disk, or parquet/arrow/json files)."""
+
+    source: str = "hf"
+    # The split of a saved DatasetDict.
+    split: str = "train"
+    text_key: str = "text"
+    # A column of token ids to read as they are, instead of tokenizing text_key.
+    tokens_key: str | None = None
+
+
+DATA_SCHEMAS: dict[str, type[DataConfig]] = {
+    "corpus": CorpusDataConfig,
+    "synthetic": SyntheticDataConfig,
+    "indexed": IndexedDataConfig,
+    "jsonl": JsonlDataConfig,
+    "text": TextDataConfig,
+    "hf": HFDataConfig,
+}
 
 
 # The checkpoint group's keys include `async`, a Python keyword no dataclass field may
@@ -212,6 +279,26 @@ class LoggingConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`trntrain plan`: the memory and step-time model of a layout (trntrain/plan/)."""
+
+    # Enumerate the valid layouts of the model on the cluster, rank those that fit.
+    search: bool = False
+    # text | json
+    format: str = "text"
+    # Fraction of the peak FLOP/s that matmuls sustain. 0.5: large bf16 matmuls reach
+    # about half the dense peak on NeuronCore-v2 and on GPUs once the elementwise work,
+    # layout changes and kernel launches between them are counted; calibrate it from
+    # a run's measured MFU.
+    compute_efficiency: float = 0.5
+    # Layouts shown by a search (text format).
+    top: int = 10
+    # Whether attention keeps no s x s matrix for backward (a flash-style kernel);
+    # None: by backend (false on xla/neuron and on trn* clusters, true elsewhere).
+    fused_attention: bool | None = None
+
+
+@dataclass
 class TrntrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = MISSING
@@ -223,6 +310,7 @@ class TrntrainConfig:
     backend: BackendConfig = MISSING
     cluster: ClusterConfig = MISSING
     logging: LoggingConfig = MISSING
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def register_configs() -> None:
@@ -230,6 +318,6 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="trntrain_schema", node=TrntrainConfig)
     # The data group's options differ in their keys, so each has its own schema.
-    cs.store(group="schema/data", name="corpus", node=CorpusDataConfig)
-    cs.store(group="schema/data", name="synthetic", node=SyntheticDataConfig)
+    for name, schema in DATA_SCHEMAS.items():
+        cs.store(group="schema/data", name=name, node=schema)
     cs.store(group="schema/checkpoint", name="base", node=CHECKPOINT_DEFAULTS)

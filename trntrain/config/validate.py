@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from trntrain.errors import UserError
@@ -284,15 +284,35 @@ def _validate_optim(cfg: DictConfig) -> None:
 
 
 def _validate_data(cfg: DictConfig) -> None:
-    from trntrain.data import DATA_SOURCES
+    from trntrain.data.blend import blend_entries
 
     d = cfg.data
-    require(d.source in DATA_SOURCES, "data.source", d.source, f"one of {sorted(DATA_SOURCES)}")
-    require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a float in (0, 1)")
-    vocab = DATA_SOURCES[d.source].tokenizer_vocab_size(cfg)
+    if not isinstance(d.blend, ListConfig) or not d.blend:
+        _validate_data_source(cfg, d, "data")
+        return
+    for i, (_, entry) in enumerate(blend_entries(d)):
+        _validate_data_source(cfg, entry, f"data.blend[{i}]")
+
+
+def _validate_data_source(cfg: DictConfig, d: DictConfig, field: str) -> None:
+    """One source's keys; `field` names them (data, or data.blend[i] in a blend)."""
+    from trntrain.data import DATA_SOURCES
+
+    require(d.source in DATA_SOURCES, f"{field}.source", d.source,
+            f"one of {sorted(DATA_SOURCES)}")
+    require(0 < d.val_fraction < 1, f"{field}.val_fraction", d.val_fraction, "a float in (0, 1)")
+    if "path" in d:
+        require(bool(d.path), f"{field}.path", d.path,
+                "a file, directory, glob or (for indexed) dataset prefix on this machine")
+        DATA_SOURCES[d.source].check_files(d)
+    if "on_bad_line" in d:
+        require(d.on_bad_line in ("fail", "skip"), f"{field}.on_bad_line", d.on_bad_line,
+                "fail or skip")
+    vocab = DATA_SOURCES[d.source].tokenizer_vocab_size(
+        OmegaConf.create({"data": d, "model": cfg.model}))
     require(
-        cfg.model.vocab_size >= vocab, "model.vocab_size", cfg.model.vocab_size,
-        f"at least {vocab}, the vocabulary of data.source={d.source}",
+        vocab is None or cfg.model.vocab_size >= vocab, "model.vocab_size",
+        cfg.model.vocab_size, f"at least {vocab}, the vocabulary of {field}.source={d.source}",
     )
 
 

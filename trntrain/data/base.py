@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -12,11 +15,41 @@ from trntrain.errors import UserError
 SPLITS = ("train", "val")
 
 
+class EpochOrder:
+    """Global sample g -> window perm_e[g mod n] of epoch e = g div n, perm_e drawn from
+    (seed, e): every epoch visits each window once, in its own seeded order."""
+
+    def __init__(self, num_windows: int, seed: int) -> None:
+        self.num_windows = num_windows
+        self.seed = seed
+        self._epoch: int | None = None
+        self._perm: torch.Tensor | None = None
+
+    def windows(self, samples: torch.Tensor, shuffle: bool) -> torch.Tensor:
+        if not shuffle:
+            return samples % self.num_windows
+        out = torch.empty_like(samples)
+        epochs = samples // self.num_windows
+        for epoch in epochs.unique().tolist():
+            mask = epochs == epoch
+            out[mask] = self._permutation(epoch)[samples[mask] % self.num_windows]
+        return out
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._epoch != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(self.num_windows, generator=gen)
+            self._epoch = epoch
+        return self._perm
+
+
 class DataSource(ABC):
-    """One token stream per split; sample i is the window [i*T, i*T + T + 1).
+    """One token stream per split; window i is the stream's [i*T, i*T + T + 1).
 
     Windows do not overlap and run across document boundaries, where the
-    end-of-text token separates documents, as in GPT-style pretraining.
+    end-of-text token separates documents, as in GPT-style pretraining. A stream
+    is a 1-D numpy array of any integer dtype: in memory, or a memory map of a
+    file that may be far larger than memory.
     """
 
     def __init__(self, data_cfg: DictConfig, model_cfg: DictConfig, seq_len: int,
@@ -25,31 +58,68 @@ class DataSource(ABC):
         self.seq_len = seq_len
         self.seed = seed
         self._streams = self.load_streams(model_cfg)
+        self._orders = {split: EpochOrder(self.num_samples(split), seed) for split in SPLITS}
         for split in SPLITS:
             if self.num_samples(split) == 0:
                 raise UserError(
-                    f"data.source={data_cfg.source}: the {split} split holds "
-                    f"{len(self._streams[split])} tokens, too few for one window of "
-                    f"train.seq_len + 1 = {seq_len + 1}; give the source more data or lower "
-                    f"train.seq_len or data.val_fraction."
+                    f"{self.describe()}: the {split} split holds {self.num_tokens(split)} "
+                    f"tokens, too few for one window of train.seq_len + 1 = {seq_len + 1}; give "
+                    f"the source more data or lower train.seq_len or data.val_fraction."
                 )
 
     @classmethod
     @abstractmethod
-    def tokenizer_vocab_size(cls, cfg: DictConfig) -> int:
-        """The number of token ids the source can emit (model.vocab_size must cover it)."""
+    def tokenizer_vocab_size(cls, cfg: DictConfig) -> int | None:
+        """The number of token ids the source can emit (model.vocab_size must cover it),
+        or None where only the data can tell (ids are then checked as they are read)."""
+
+    @classmethod
+    def check_files(cls, data_cfg: DictConfig) -> None:
+        """Raise a UserError if the files the config names are missing: a cheap check,
+        run before any process group is created (their contents are checked on load)."""
+        return None  # sources that read no files have nothing to check
 
     @abstractmethod
-    def load_streams(self, model_cfg: DictConfig) -> dict[str, torch.Tensor]:
-        """One 1-D integer token tensor per split in SPLITS."""
+    def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:
+        """One 1-D integer token array per split in SPLITS."""
+
+    def describe(self) -> str:
+        path = self.cfg.get("path")
+        return f"data.source={self.cfg.source}" + (f" ({path})" if path else "")
 
     def num_tokens(self, split: str) -> int:
         return len(self._streams[split])
 
     def num_samples(self, split: str) -> int:
-        return max(len(self._streams[split]) - 1, 0) // self.seq_len
+        return max(self.num_tokens(split) - 1, 0) // self.seq_len
 
-    def samples(self, split: str, indices: torch.Tensor) -> torch.Tensor:
-        """Windows (len(indices), seq_len + 1) as int64."""
-        offsets = indices[:, None] * self.seq_len + torch.arange(self.seq_len + 1)
-        return self._streams[split][offsets].long()
+    def windows(self, split: str, indices: torch.Tensor) -> torch.Tensor:
+        """Windows (len(indices), seq_len + 1) as int64, by window index."""
+        stream, width = self._streams[split], self.seq_len + 1
+        rows = [stream[i * self.seq_len: i * self.seq_len + width] for i in indices.tolist()]
+        if not rows:
+            return torch.empty(0, width, dtype=torch.int64)
+        return torch.from_numpy(np.stack(rows).astype(np.int64, copy=False))
+
+    def samples(self, split: str, indices: torch.Tensor, shuffle: bool = True) -> torch.Tensor:
+        """Global samples (any index >= 0, epochs after the first reshuffled) as windows."""
+        return self.windows(split, self._orders[split].windows(indices, shuffle))
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype that holds every id below vocab_size."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
+
+
+def pack_documents(documents: Iterable[np.ndarray], eot_id: int, vocab_size: int) -> np.ndarray:
+    """One stream: each document's tokens followed by the end-of-text token."""
+    dtype = token_dtype(vocab_size)
+    eot = np.array([eot_id], dtype=dtype)
+    pieces = [p for doc in documents for p in (doc.astype(dtype, copy=False), eot)]
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
+
+
+def is_validation(key: str, val_fraction: float) -> bool:
+    """Held out by a hash of the document's key (a path, path:line): stable whichever
+    other documents exist."""
+    return zlib.crc32(key.encode()) % 10_000 < val_fraction * 10_000

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sysconfig
-import zlib
 from pathlib import Path
 
-import torch
+import numpy as np
 from omegaconf import DictConfig
 
-from trntrain.data.base import DataSource
+from trntrain.data.base import DataSource, is_validation, pack_documents
 from trntrain.data.tokenizer import ByteTokenizer
 from trntrain.errors import UserError
 
@@ -27,11 +26,6 @@ def corpus_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def is_validation(relative_path: str, val_fraction: float) -> bool:
-    """Held out by a hash of the path: stable whichever other files exist."""
-    return zlib.crc32(relative_path.encode()) % 10_000 < val_fraction * 10_000
-
-
 class CorpusSource(DataSource):
     """Byte-level tokens, one document per file, an end-of-text token after each."""
 
@@ -41,7 +35,7 @@ class CorpusSource(DataSource):
     def tokenizer_vocab_size(cls, cfg: DictConfig) -> int:
         return cls.tokenizer.vocab_size
 
-    def load_streams(self, model_cfg: DictConfig) -> dict[str, torch.Tensor]:
+    def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:
         root = Path(self.cfg.root) if self.cfg.root else stdlib_root()
         if not root.is_dir():
             raise UserError(f"data.root={str(root)!r} is not a directory; valid: a directory "
@@ -50,8 +44,7 @@ class CorpusSource(DataSource):
         if not files:
             raise UserError(f"data.root={str(root)!r} holds no .py files; valid: a directory "
                              f"of .py files, or null for the Python standard library.")
-        eot = torch.tensor([self.tokenizer.eot_id], dtype=torch.int16)
-        pieces: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+        documents: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         # max_bytes is shared between the splits in proportion to val_fraction.
         limit = self.cfg.max_bytes
         budget = {"train": float("inf"), "val": float("inf")} if limit is None else {
@@ -65,6 +58,7 @@ class CorpusSource(DataSource):
             if limit is not None:
                 data = data[:int(budget[split])]
                 budget[split] -= len(data)
-            pieces[split] += [self.tokenizer.encode(data), eot]
-        return {split: torch.cat(p) if p else torch.empty(0, dtype=torch.int16)
-                for split, p in pieces.items()}
+            documents[split].append(self.tokenizer.encode(data))
+        tok = self.tokenizer
+        return {split: pack_documents(docs, tok.eot_id, tok.vocab_size)
+                for split, docs in documents.items()}

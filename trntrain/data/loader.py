@@ -1,11 +1,14 @@
-"""Which windows each rank reads at each step: a pure function of (seed, step, rank).
+"""Which samples each rank reads at each step: a pure function of the position.
 
-Global sample g of the run is window perm_e[g mod n] of epoch e = g div n, where
-perm_e is a permutation drawn from (seed, e). Step s takes the samples
-[s*G, (s+1)*G) of the global batch G; data-parallel rank r takes the r-th
-contiguous share and splits it into micro-batches. The position in the data is
-therefore the step number alone, and every layout of the same global batch sees
-the same samples.
+The run reads global samples 0, 1, 2, ... in order (the source maps each to a
+window: shuffled by epoch, or blended across sources). Step s takes the global
+batch of G samples starting at the position `consumed + (s - resumed) * G`, where
+a fresh run starts from 0 and a resumed one from the position its checkpoint
+recorded. Data-parallel rank r takes the r-th contiguous share and splits it into
+micro-batches, so dp ranks read disjoint samples that together cover the batch,
+the ranks of a tp group (same dp rank) read identical ones, and every layout of
+the same global batch sees the same samples. Pipeline stages that need neither
+the inputs (the first) nor the labels (the last) read nothing.
 """
 
 from __future__ import annotations
@@ -15,55 +18,58 @@ from collections.abc import Iterator
 import torch
 
 from trntrain.data.base import DataSource
+from trntrain.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+NOTHING = torch.empty(0, dtype=torch.int64)
 
 
 class StepBatches:
     def __init__(self, source: DataSource, split: str, global_batch_size: int,
-                 micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 shuffle: bool = True) -> None:
+                 micro_batch_size: int, dp_rank: int, dp_size: int, shuffle: bool = True,
+                 inputs: bool = True, labels: bool = True, vocab_size: int | None = None
+                 ) -> None:
         self.source = source
         self.split = split
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        self.seed = seed
         self.shuffle = shuffle
-        self.num_samples = source.num_samples(split)
-        self._perm_epoch: int | None = None
-        self._perm: torch.Tensor | None = None
+        self.inputs = inputs
+        self.labels = labels
+        self.vocab_size = vocab_size
+        self.start_step = 0
+        self.start_sample = 0
 
     @property
     def accumulation_steps(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
-    def _window_indices(self, global_indices: torch.Tensor) -> torch.Tensor:
-        if not self.shuffle:
-            return global_indices % self.num_samples
-        out = torch.empty_like(global_indices)
-        epochs = global_indices // self.num_samples
-        for epoch in epochs.unique().tolist():
-            mask = epochs == epoch
-            out[mask] = self._permutation(epoch)[global_indices[mask] % self.num_samples]
-        return out
+    def resume(self, step: int, consumed_samples: int) -> None:
+        """Continue after optimizer step `step`, at global sample `consumed_samples`."""
+        self.start_step, self.start_sample = step, consumed_samples
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm_epoch != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = torch.randperm(self.num_samples, generator=gen)
-            self._perm_epoch = epoch
-        return self._perm
+    def consumed_samples(self, step: int) -> int:
+        """The position after optimizer step `step` (the next global sample to read)."""
+        return self.start_sample + (step - self.start_step) * self.global_batch_size
 
     def step(self, step: int) -> list[Batch]:
         """This rank's micro-batches (inputs, labels) of optimizer step `step` (0-based)."""
+        if not (self.inputs or self.labels):
+            return [(NOTHING, NOTHING)] * self.accumulation_steps
         share = self.global_batch_size // self.dp_size
-        first = step * self.global_batch_size + self.dp_rank * share
-        windows = self.source.samples(self.split,
-                                      self._window_indices(torch.arange(first, first + share)))
-        micro = windows.split(self.micro_batch_size)
-        return [(w[:, :-1], w[:, 1:]) for w in micro]
+        first = self.consumed_samples(step) + self.dp_rank * share
+        windows = self.source.samples(self.split, torch.arange(first, first + share),
+                                      self.shuffle)
+        if self.vocab_size is not None and windows.numel() and windows.max() >= self.vocab_size:
+            raise UserError(
+                f"{self.source.describe()}: token id {int(windows.max())} in the {self.split} "
+                f"split is outside model.vocab_size={self.vocab_size}; valid: a model whose "
+                f"vocabulary covers the data's tokenizer (set model.vocab_size or data.tokenizer)."
+            )
+        return [(w[:, :-1] if self.inputs else NOTHING, w[:, 1:] if self.labels else NOTHING)
+                for w in windows.split(self.micro_batch_size)]
 
     def steps(self, start: int, stop: int) -> Iterator[list[Batch]]:
         for s in range(start, stop):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -13,9 +14,10 @@ class SyntheticSource(DataSource):
     def tokenizer_vocab_size(cls, cfg: DictConfig) -> int:
         return cfg.model.vocab_size
 
-    def load_streams(self, model_cfg: DictConfig) -> dict[str, torch.Tensor]:
+    def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:
         gen = torch.Generator().manual_seed(self.seed)
         total = self.cfg.num_tokens
-        tokens = torch.randint(0, model_cfg.vocab_size, (total,), generator=gen, dtype=torch.int32)
+        tokens = torch.randint(0, model_cfg.vocab_size, (total,), generator=gen,
+                               dtype=torch.int32).numpy()
         n_val = max(int(total * self.cfg.val_fraction), self.seq_len + 1)
         return {"train": tokens[n_val:], "val": tokens[:n_val]}

@@ -44,7 +44,10 @@ class ActivationMemory:
 
     def _pack(self, tensor: torch.Tensor) -> _Saved:
         holder = _Saved(tensor)
-        if isinstance(tensor, nn.Parameter) or tensor.device.type == "meta":
+        # A view of a weight (the transpose a matmul saves) holds the weight's storage:
+        # not an activation either.
+        if (isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)
+                or tensor.device.type == "meta"):
             return holder
         storage = tensor.untyped_storage()
         key = storage.data_ptr()

@@ -172,7 +172,9 @@ class _GatherFromSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return all_gather_dim(x, 1, group)
+        # Contiguous once here: q, k, v (w1, w3) each save their input for backward, and a
+        # strided one would be copied, and kept, by each of them.
+        return all_gather_dim(x, 1, group).contiguous()
 
     @staticmethod
     def backward(ctx, grad):

@@ -1,0 +1,143 @@
+"""Step time of a layout on a cluster: compute, tp collectives, pipeline transfers and
+bubble, dp gradient synchronisation. No term is assumed to overlap another (the
+trainer issues its collectives in line with compute), so the estimate is an upper
+bound of what the layout can do at the given compute efficiency.
+
+- compute: hardware FLOPs of the busiest pipeline rank / (peak x plan.compute_efficiency).
+  Model FLOPs per token are 6 N + 12 L H Q T (`trntrain.metrics.flops`); activation
+  checkpointing adds a forward of what it recomputes (full: the layers, 2 N_layers +
+  4 L H Q T; selective: the attention core, 4 L H Q T), which costs time but is not
+  counted in MFU, as Megatron's and PaLM's MFU do not count it;
+- tp: per layer and micro-batch, Megatron's two all-reduces forward and two backward of
+  the (b, s, h) activation (with sequence parallelism, all-gathers and reduce-scatters
+  moving the same bytes), plus the embedding's forward and the head's backward one.
+  A ring all-reduce of B bytes over t ranks costs 2 (t - 1) / t x B / bandwidth;
+- pp: every micro-batch crosses each chunk boundary once forward and once backward
+  (b s h e bytes, / t under sequence parallelism), and the pipeline idles for
+  (p - 1) / v micro-batch times (Megatron's bubble, Narayanan et al. 2021: a fraction
+  (p - 1) / (v m) of the ideal time);
+- dp: sharded optimizer (ZeRO-1, bf16 master weights): reduce-scatter of the fp32
+  gradients and all-gather of the fp32 master slices, (d - 1) / d x B / bandwidth each;
+  otherwise a ring all-reduce of the gradients in their dtype.
+
+Bandwidth of a group: `cluster.intra_node_gbps` per core when it sits in one node.
+A group spanning nodes goes over EFA, which every core of the node shares: each node
+carries the rings of procs_per_node / g groups at once (g: ranks of one group per
+node), so a ring gets inter_node_gbps x g / procs_per_node.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from trntrain.metrics.flops import mfu
+from trntrain.plan.layout import Layout
+from trntrain.plan.memory import (
+    activation_bytes,
+    chunk_layers,
+    param_bytes,
+    rank_chunks,
+    sharded_optimizer,
+)
+
+
+def layer_forward_flops(model: DictConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one transformer layer: 2 x its matmul parameters plus
+    the attention scores and their weighting (4 H Q T)."""
+    head_dim = model.dim // model.n_heads
+    kv_dim = (model.n_kv_heads or model.n_heads) * head_dim
+    params = 2 * model.dim * model.dim + 2 * model.dim * kv_dim
+    params += 3 * model.dim * model.ffn_hidden_dim
+    return 2 * params + 4 * model.dim * seq_len
+
+
+def recompute_flops(model: DictConfig, seq_len: int, mode: str) -> float:
+    """Extra forward FLOPs per token and layer that checkpointing recomputes."""
+    if mode == "full":
+        return layer_forward_flops(model, seq_len)
+    if mode == "selective":
+        return 4 * model.dim * seq_len
+    return 0.0
+
+
+def bytes_per_s(gbps: float) -> float:
+    return gbps * 1e9 / 8
+
+
+def group_bandwidth(cfg: DictConfig, ranks: list[int]) -> float:
+    """Bytes/s of a ring over `ranks` (global ranks of one group)."""
+    c = cfg.cluster
+    per_node = c.procs_per_node or len(ranks)
+    nodes = {r // per_node for r in ranks}
+    intra = bytes_per_s(c.intra_node_gbps)
+    if len(nodes) == 1:
+        return intra
+    g = len(ranks) // len(nodes)
+    return min(intra, bytes_per_s(c.inter_node_gbps) * g / per_node)
+
+
+def _rank(layout: Layout, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+    return (pp_rank * layout.dp + dp_rank) * layout.tp + tp_rank
+
+
+def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str, float] | None:
+    """Seconds per optimizer step by term, or None where the cluster has no peak
+    FLOP/s or bandwidths (cluster=local)."""
+    c, m, t = cfg.cluster, cfg.model, cfg.train
+    if None in (c.peak_flops_per_core, c.intra_node_gbps, c.inter_node_gbps):
+        return None
+    s, b, mb = t.seq_len, layout.micro_batch_size, layout.microbatches
+    tokens = b * s  # per micro-batch
+    e = activation_bytes(t.precision)
+    mode = layout.activation_checkpointing
+    per_layer = 3 * layer_forward_flops(m, s) + recompute_flops(m, s, mode)
+    head = 6 * m.dim * m.vocab_size
+    sizes = chunk_layers(m, s, layout.chunks)
+    last = layout.chunks - 1
+    speed = c.peak_flops_per_core * cfg.plan.compute_efficiency
+
+    # The busiest pipeline rank sets the pace of every micro-batch.
+    def rank_flops(r: int) -> float:
+        return sum(sizes[i] * per_layer + (head if i == last else 0)
+                   for i in rank_chunks(layout)[r])
+
+    busiest = max(range(layout.pp), key=rank_flops)
+    compute = tokens * rank_flops(busiest) / layout.tp / speed
+
+    tp_comm = 0.0
+    if layout.tp > 1:
+        ranks = [_rank(layout, 0, 0, i) for i in range(layout.tp)]
+        collectives = 4 * sum(sizes[i] for i in rank_chunks(layout)[busiest])
+        collectives += sum((i == 0) + (i == last) for i in rank_chunks(layout)[busiest])
+        ring = 2 * (layout.tp - 1) / layout.tp
+        tp_comm = collectives * ring * tokens * m.dim * e / group_bandwidth(cfg, ranks)
+
+    p2p = bubble = 0.0
+    if layout.pp > 1:
+        ranks = [_rank(layout, i, 0, 0) for i in range(layout.pp)]
+        bw = min(group_bandwidth(cfg, ranks[i:i + 2]) for i in range(layout.pp - 1))
+        shard = layout.tp if layout.sequence_parallel else 1
+        p2p = 2 * layout.virtual_pp * tokens * m.dim * e / shard / bw
+    per_microbatch = compute + tp_comm + p2p
+    if layout.pp > 1:
+        bubble = (layout.pp - 1) / layout.virtual_pp * per_microbatch
+
+    dp_comm = 0.0
+    if layout.dp > 1:
+        ranks = [_rank(layout, 0, i, 0) for i in range(layout.dp)]
+        bw = group_bandwidth(cfg, ranks)
+        if sharded_optimizer(t, layout):
+            dp_comm = 2 * (layout.dp - 1) / layout.dp * 4 * params_per_rank / bw
+        else:
+            dp_comm = (2 * (layout.dp - 1) / layout.dp * param_bytes(t.precision)
+                       * params_per_rank / bw)
+    return {"compute": mb * compute, "tp_comm": mb * tp_comm, "pp_p2p": mb * p2p,
+            "pp_bubble": bubble, "dp_comm": dp_comm}
+
+
+def throughput(cfg: DictConfig, layout: Layout, step_s: float) -> tuple[float, float]:
+    """(tokens/s, MFU) of the whole job at `step_s` seconds per optimizer step."""
+    t = cfg.train
+    tokens_per_s = t.global_batch_size * t.seq_len / step_s
+    return tokens_per_s, mfu(tokens_per_s, cfg.model, t.seq_len, layout.world_size,
+                             cfg.cluster.peak_flops_per_core)
