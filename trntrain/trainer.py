@@ -28,7 +28,7 @@ from trntrain.checkpoint import CHECKPOINTERS
 from trntrain.checkpoint.hf import load_hf_weights
 from trntrain.checkpoint.manager import CheckpointManager, verify_checksums
 from trntrain.config import data_parallel_size, micro_batch_size
-from trntrain.data import Batch, StepBatches, build_data_source
+from trntrain.data import Batch, StepBatches, build_data_source, ids_unchecked
 from trntrain.distributed import World, host_group
 from trntrain.faults import (
     NonFiniteError,
@@ -159,7 +159,7 @@ class Trainer:
         self.data = build_data_source(cfg)
         # Only the first stage embeds the inputs and only the last scores the labels.
         reads = {"inputs": self.mesh.pp_rank == 0, "labels": self.mesh.pp_rank == dims.pp - 1,
-                 "vocab_size": cfg.model.vocab_size}
+                 "vocab_size": cfg.model.vocab_size if ids_unchecked(cfg) else None}
         self.train_batches = StepBatches(self.data, "train", t.global_batch_size,
                                          self.micro_batch_size, self.mesh.dp_rank, dims.dp,
                                          **reads)

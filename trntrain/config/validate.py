@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from trntrain.errors import UserError
@@ -283,15 +283,18 @@ def _validate_optim(cfg: DictConfig) -> None:
             "a float >= 0 (0 disables clipping)")
 
 
-def _validate_data(cfg: DictConfig) -> None:
+def data_entries(cfg: DictConfig) -> list[DictConfig]:
+    """The data config of each source: cfg.data, or each entry of data.blend."""
     from trntrain.data.blend import blend_entries
 
-    d = cfg.data
-    if not isinstance(d.blend, ListConfig) or not d.blend:
-        _validate_data_source(cfg, d, "data")
-        return
-    for i, (_, entry) in enumerate(blend_entries(d)):
-        _validate_data_source(cfg, entry, f"data.blend[{i}]")
+    if not cfg.data.blend:
+        return [cfg.data]
+    return [entry for _, entry in blend_entries(cfg.data)]
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    for i, entry in enumerate(data_entries(cfg)):
+        _validate_data_source(cfg, entry, f"data.blend[{i}]" if cfg.data.blend else "data")
 
 
 def _validate_data_source(cfg: DictConfig, d: DictConfig, field: str) -> None:

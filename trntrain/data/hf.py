@@ -7,6 +7,7 @@ already (`data.tokens_key`, read as they are).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,9 @@ FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".js
 
 def load_local_dataset(path: str | None, split: str):
     """The `datasets.Dataset` at `path` (one split of a DatasetDict)."""
+    # Local files only: the library must not look anything up on the hub.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import datasets
     except ImportError:

@@ -29,6 +29,7 @@ class StepBatches:
                  micro_batch_size: int, dp_rank: int, dp_size: int, shuffle: bool = True,
                  inputs: bool = True, labels: bool = True, vocab_size: int | None = None
                  ) -> None:
+        """vocab_size: check every id read against it (for data whose tokenizer is unknown)."""
         self.source = source
         self.split = split
         self.global_batch_size = global_batch_size
@@ -68,8 +69,10 @@ class StepBatches:
                 f"split is outside model.vocab_size={self.vocab_size}; valid: a model whose "
                 f"vocabulary covers the data's tokenizer (set model.vocab_size or data.tokenizer)."
             )
-        return [(w[:, :-1] if self.inputs else NOTHING, w[:, 1:] if self.labels else NOTHING)
-                for w in windows.split(self.micro_batch_size)]
+        m = len(windows) // self.micro_batch_size
+        inputs = windows[:, :-1].split(self.micro_batch_size) if self.inputs else [NOTHING] * m
+        labels = windows[:, 1:].split(self.micro_batch_size) if self.labels else [NOTHING] * m
+        return list(zip(inputs, labels, strict=True))
 
     def steps(self, start: int, stop: int) -> Iterator[list[Batch]]:
         for s in range(start, stop):

@@ -259,9 +259,11 @@ class WorkerPool:
 
     def __enter__(self):
         if self.workers > 1:
-            # spawn: the tokenizers' thread pools do not survive a fork.
-            ctx = multiprocessing.get_context("spawn")
-            self.pool = ctx.Pool(self.workers, _init_worker, (self.settings,))
+            # fork where there is one: a spawned worker would spend seconds importing torch.
+            # The parent has not encoded anything yet, so no tokenizer thread pool is forked.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self.pool = multiprocessing.get_context(method).Pool(
+                self.workers, _init_worker, (self.settings,))
         else:
             _init_worker(self.settings)
         return self.pool
