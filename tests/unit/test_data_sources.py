@@ -14,7 +14,7 @@ from tests.conftest import tiny_config
 from trntrain.config import validate
 from trntrain.data import StepBatches, build_data_source
 from trntrain.data.base import is_validation
-from trntrain.data.blend import BLOCK
+from trntrain.data.blend import BLOCK, blend_entries
 from trntrain.data.indexed import IndexedDatasetWriter
 from trntrain.distributed import World
 from trntrain.errors import UserError
@@ -219,6 +219,13 @@ def test_blend_entries_are_checked(three_sources):
     validate(mixed, 1)
     source = build_data_source(mixed)
     assert [c.cfg.source for c in source.components] == ["indexed", "corpus"]
+    # A key the enclosing source leaves null (indexed's tokenizer) keeps the entry's default.
+    with_jsonl = tiny_config("data=indexed", "data.blend=[{weight:1,path:a},"
+                             "{weight:1,source:jsonl,path:b.jsonl,on_bad_line:skip}]")
+    (_, indexed), (_, jsonl) = blend_entries(with_jsonl.data)
+    assert (indexed.source, indexed.path, indexed.tokenizer) == ("indexed", "a", None)
+    assert (jsonl.source, jsonl.path, jsonl.tokenizer, jsonl.on_bad_line) == (
+        "jsonl", "b.jsonl", "byte", "skip")
 
 
 def test_dp_ranks_read_disjoint_shares_that_cover_each_step(three_sources):

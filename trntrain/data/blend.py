@@ -103,7 +103,9 @@ def blend_entries(data_cfg: DictConfig) -> list[tuple[float, DictConfig]]:
         source = entry.get("source", data_cfg.source)
         schema = DATA_SCHEMAS.get(source, DataConfig)
         names = set(schema.__dataclass_fields__)
-        inherited = {k: v for k, v in data_cfg.items() if k in names and k != "blend"}
+        # An unset (null) key of the enclosing source leaves the entry's own default.
+        inherited = {k: v for k, v in data_cfg.items()
+                     if k in names and k != "blend" and v is not None}
         own = {k: v for k, v in entry.items() if k != "weight"}
         valid = f"valid keys for source {source}: weight and {sorted(names - {'blend'})}"
         unknown = sorted(set(own) - names) if schema is not DataConfig else []
