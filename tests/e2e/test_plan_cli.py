@@ -44,6 +44,22 @@ def test_plan_json_for_llama3_8b_on_32_trn1_nodes(capsys):
     assert result["step_time_s"] == pytest.approx(sum(result["time_s"].values()))
 
 
+@pytest.mark.parametrize(("cluster", "cores", "peak"), [
+    ("trn1_32xlarge", 32, 95e12), ("trn2_48xlarge", 64, 166.75e12), ("p5_48xlarge", 8, 989e12)])
+def test_mfu_is_model_flops_over_the_cluster_peak(capsys, cluster, cores, peak):
+    code, out, err = plan_cli(capsys, "model=llama3_8b", f"cluster={cluster}", "cluster.nodes=4",
+                              "train.seq_len=4096", "train.global_batch_size=256",
+                              "train.precision=bf16", "parallel.tp=8", "parallel.zero1=true",
+                              "plan.format=json")
+    assert code == 0, err
+    result = json.loads(out)
+    # Hand count: 6 N + 12 L h s FLOPs per token, N the matmul parameters of Llama-3-8B.
+    h, f, kv, layers, vocab = 4096, 14336, 1024, 32, 128256
+    n = layers * (2 * h * h + 2 * h * kv + 3 * h * f) + vocab * h
+    flops = result["tokens_per_s"] * (6 * n + 12 * layers * h * 4096)
+    assert result["mfu"] == pytest.approx(flops / (4 * cores * peak), rel=1e-6)
+
+
 def test_plan_search_json_is_a_ranked_list_of_fitting_layouts(capsys):
     code, out, err = plan_cli(capsys, "model=llama3_8b", "cluster=trn1_32xlarge",
                               "cluster.nodes=2", "train.seq_len=4096",
