@@ -261,12 +261,15 @@ def test_pipeline_stages_read_only_what_they_use(three_sources):
         assert fy.numel() == lx.numel() == mx.numel() == my.numel() == 0
 
 
-def test_resume_continues_at_the_recorded_position(tmp_path):
+@pytest.mark.parametrize("blended", [False, True])
+def test_resume_continues_at_the_recorded_position(tmp_path, three_sources, blended):
     """A run resumed with another global batch size reads on from the sample where the
-    first run stopped, not from step x new batch size."""
+    first run stopped, not from step x new batch size (one source, or a blend)."""
     from trntrain.trainer import Trainer
 
-    common = ("checkpoint=dcp", "train.max_steps=3", "checkpoint.every=3")
+    indexed = f"source:indexed,val_fraction:0.2,path:{three_sources / 's2'}"
+    data = (f"data.blend=[{{weight:0.6,{indexed}}},{{weight:0.4}}]",) if blended else ()
+    common = ("checkpoint=dcp", "train.max_steps=3", "checkpoint.every=3", *data)
     first = Trainer(tiny_config(*common), World(), run_dir=tmp_path)
     first.fit()
     consumed = first.train_batches.consumed_samples(3)
