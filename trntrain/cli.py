@@ -277,24 +277,20 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        run_hydra(train_task, rest)
-    elif command == "models":
-        models_command(rest)
-    elif command == "convert":
-        convert_command(rest)
-    elif command == "report":
-        report_command(rest)
-    elif command == "prepare":
-        prepare_command(rest)
-    elif command == "launch":
-        launch_command(rest)
-    elif command == "plan":
-        plan_command(rest)
-    else:
-        fail(f"unknown command {command!r}; valid: train, prepare, convert, report, launch, plan, "
-             f"models (see trntrain --help).")
+    if command not in COMMANDS:
+        fail(f"unknown command {command!r}; valid: {', '.join(COMMANDS)} (see trntrain --help).")
+    COMMANDS[command](rest)
 
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "train": lambda argv: run_hydra(train_task, argv),
+    "prepare": prepare_command,
+    "convert": convert_command,
+    "report": report_command,
+    "launch": launch_command,
+    "plan": plan_command,
+    "models": models_command,
+}
 
 if __name__ == "__main__":
     main()

@@ -31,16 +31,23 @@ from trntrain.parallel.comm import (
 )
 
 
-def mark_shard(param: nn.Parameter, full_shape: tuple[int, ...], dim: int, start: int,
-               length: int) -> nn.Parameter:
-    param.tp_full_shape = tuple(full_shape)
-    param.tp_shard = (dim, start, length)
-    return param
-
-
 def _empty_like_weight(linear: nn.Linear | nn.Embedding, shape: tuple[int, ...]) -> nn.Parameter:
     w = linear.weight
     return nn.Parameter(torch.empty(shape, dtype=w.dtype, device=w.device))
+
+
+def shard_weight(module: nn.Linear | nn.Embedding, group: Group, dim: int) -> nn.Parameter:
+    """This rank's empty 1/tp slice of `module.weight` along `dim`, marked with how it was
+    cut (`tp_shard = (dim, start, length)` of `tp_full_shape`) for initialisation and
+    checkpoints."""
+    full = tuple(module.weight.shape)
+    length = full[dim] // group_size(group)
+    shape = list(full)
+    shape[dim] = length
+    param = _empty_like_weight(module, tuple(shape))
+    param.tp_full_shape = full
+    param.tp_shard = (dim, group_rank(group) * length, length)
+    return param
 
 
 def enter_tp_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
@@ -65,11 +72,8 @@ class ColumnParallelLinear(nn.Module):
         self.group = group
         self.sequence_parallel = sequence_parallel
         self.shared_input = shared_input
-        out_features, in_features = linear.weight.shape
-        length = out_features // group_size(group)
-        self.start = group_rank(group) * length
-        self.weight = _empty_like_weight(linear, (length, in_features))
-        mark_shard(self.weight, (out_features, in_features), 0, self.start, length)
+        self.weight = shard_weight(linear, group, 0)
+        self.start = self.weight.tp_shard[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.shared_input:
@@ -88,10 +92,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = group
         self.sequence_parallel = sequence_parallel
-        out_features, in_features = linear.weight.shape
-        length = in_features // group_size(group)
-        self.weight = _empty_like_weight(linear, (out_features, length))
-        mark_shard(self.weight, (out_features, in_features), 1, group_rank(group) * length, length)
+        self.weight = shard_weight(linear, group, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
@@ -126,11 +127,8 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.group = group
         self.sequence_parallel = sequence_parallel
-        vocab, dim = embedding.weight.shape
-        length = vocab // group_size(group)
-        self.start = group_rank(group) * length
-        self.weight = _empty_like_weight(embedding, (length, dim))
-        mark_shard(self.weight, (vocab, dim), 0, self.start, length)
+        self.weight = shard_weight(embedding, group, 0)
+        self.start = self.weight.tp_shard[1]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.start
