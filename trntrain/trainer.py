@@ -119,6 +119,17 @@ class Trainer:
         self.params = list({id(p): p for c in self.chunks.values() for p in c.parameters()
                             if p.requires_grad}.values())
         self.num_params = sum(p.numel() for p in self.params)
+        # Embedding and head tied across the first and last stage: their gradients add up,
+        # and the norm counts the pair once (on the first stage). Marked before anything
+        # (the sharded optimizer's buckets) sorts parameters by it.
+        tied = []
+        if dims.pp > 1 and cfg.model.tie_embeddings:
+            for chunk in self.chunks.values():
+                if chunk.tok_embeddings is not None:
+                    tied.append(chunk.tok_embeddings.weight)
+                if chunk.output is not None:
+                    chunk.output.weight.pp_duplicate = True
+                    tied.append(chunk.output.weight)
 
         # ZeRO-1 and bf16 master weights step fp32 slices of flat buckets; they are taken
         # from the fp32 initial weights, before the model itself is cast to bf16.
@@ -141,16 +152,6 @@ class Trainer:
             bucket_mb, average=False)
         self.dp_grad_reducer = GradientReducer(self.params, self.mesh.dp_group, bucket_mb,
                                                average=True)
-        # Embedding and head tied across the first and last stage: their gradients add up,
-        # and the norm counts the pair once (on the first stage).
-        tied = []
-        if dims.pp > 1 and cfg.model.tie_embeddings:
-            for chunk in self.chunks.values():
-                if chunk.tok_embeddings is not None:
-                    tied.append(chunk.tok_embeddings.weight)
-                if chunk.output is not None:
-                    chunk.output.weight.pp_duplicate = True
-                    tied.append(chunk.output.weight)
         self.tied_grad_reducer = GradientReducer(tied, self.mesh.embedding_group, bucket_mb,
                                                  average=False)
 
