@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import torch
@@ -68,10 +69,20 @@ def _fault() -> tuple[str, int, int] | None:
     return kind, int(args[0]), int(args[1]) if len(args) > 1 else 0
 
 
-def loss_fault(step: int, world: World) -> float:
-    """1.0, or NaN where TRNTRAIN_FAULT=nan:STEP:RANK says this loss goes bad."""
+def with_nan_fault(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   current_step: Callable[[], int], world: World
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`loss_fn`, or, where TRNTRAIN_FAULT=nan:STEP:RANK names this rank, a loss function
+    that returns NaN during step STEP (pipelined or not). Decided once, not per loss."""
     fault = _fault()
-    return float("nan") if fault == ("nan", step, world.rank) else 1.0
+    if fault is None or fault[0] != "nan" or fault[2] != world.rank:
+        return loss_fn
+
+    def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(logits, labels)
+        return loss * float("nan") if current_step() == fault[1] else loss
+
+    return poisoned
 
 
 def inject_fault(point: str, step: int, world: World) -> None:

@@ -28,16 +28,16 @@ from trntrain.checkpoint import CHECKPOINTERS
 from trntrain.checkpoint.hf import load_hf_weights
 from trntrain.checkpoint.manager import CheckpointManager, verify_checksums
 from trntrain.config import data_parallel_size, micro_batch_size
-from trntrain.data import Batch, StepBatches, build_data_source, ids_unchecked
+from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World, host_group
 from trntrain.faults import (
     NonFiniteError,
     StopRequest,
     Watchdog,
     inject_fault,
-    loss_fault,
     note,
     stall_fault,
+    with_nan_fault,
 )
 from trntrain.metrics import build_metrics_logger
 from trntrain.metrics.flops import mfu
@@ -115,7 +115,7 @@ class Trainer:
         self.chunks = {i: self.backend.prepare_model(c) for i, c in chunks.items()}
         last = self.chunks.get(dims.pp * max(cfg.parallel.virtual_pp, 1) - 1
                                if dims.pp > 1 else 0)
-        self.loss_fn = build_loss_fn(last, self.mesh)
+        self.loss_fn = with_nan_fault(build_loss_fn(last, self.mesh), lambda: self.step, world)
         self.params = list({id(p): p for c in self.chunks.values() for p in c.parameters()
                             if p.requires_grad}.values())
         self.num_params = sum(p.numel() for p in self.params)
@@ -160,7 +160,7 @@ class Trainer:
         self.data = build_data_source(cfg)
         # Only the first stage embeds the inputs and only the last scores the labels.
         reads = {"inputs": self.mesh.pp_rank == 0, "labels": self.mesh.pp_rank == dims.pp - 1,
-                 "vocab_size": cfg.model.vocab_size if ids_unchecked(cfg) else None}
+                 "vocab_size": cfg.model.vocab_size if self.data.ids_unchecked else None}
         self.train_batches = StepBatches(self.data, "train", t.global_batch_size,
                                          self.micro_batch_size, self.mesh.dp_rank, dims.dp,
                                          **reads)
@@ -335,7 +335,6 @@ class Trainer:
             for inputs, labels in micro_batches:
                 with self.backend.autocast(self.cfg.train.precision):
                     loss = self.loss_fn(self.model(inputs), labels)
-                loss = loss * loss_fault(self.step, self.world)
                 (loss / accumulation).backward()
                 loss_sum += loss.detach()
             mean_loss = loss_sum / accumulation
