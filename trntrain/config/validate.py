@@ -283,17 +283,10 @@ def _validate_optim(cfg: DictConfig) -> None:
             "a float >= 0 (0 disables clipping)")
 
 
-def data_entries(cfg: DictConfig) -> list[DictConfig]:
-    """The data config of each source: cfg.data, or each entry of data.blend."""
-    from trntrain.data.blend import blend_entries
-
-    if not cfg.data.blend:
-        return [cfg.data]
-    return [entry for _, entry in blend_entries(cfg.data)]
-
-
 def _validate_data(cfg: DictConfig) -> None:
-    for i, entry in enumerate(data_entries(cfg)):
+    from trntrain.data.blend import data_entries
+
+    for i, (_, entry) in enumerate(data_entries(cfg.data)):
         _validate_data_source(cfg, entry, f"data.blend[{i}]" if cfg.data.blend else "data")
 
 
@@ -311,8 +304,7 @@ def _validate_data_source(cfg: DictConfig, d: DictConfig, field: str) -> None:
     if "on_bad_line" in d:
         require(d.on_bad_line in ("fail", "skip"), f"{field}.on_bad_line", d.on_bad_line,
                 "fail or skip")
-    vocab = DATA_SOURCES[d.source].tokenizer_vocab_size(
-        OmegaConf.create({"data": d, "model": cfg.model}))
+    vocab = DATA_SOURCES[d.source].tokenizer_vocab_size(d, cfg.model)
     require(
         vocab is None or cfg.model.vocab_size >= vocab, "model.vocab_size",
         cfg.model.vocab_size, f"at least {vocab}, the vocabulary of {field}.source={d.source}",

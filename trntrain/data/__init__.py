@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from trntrain.data.base import SPLITS, DataSource
 from trntrain.data.blend import BlendSource, blend_entries
@@ -38,15 +38,6 @@ def build_data_source(cfg: DictConfig) -> DataSource:
     return BlendSource(cfg.data, components, [w for w, _ in entries])
 
 
-def ids_unchecked(cfg: DictConfig) -> bool:
-    """Whether some source's vocabulary is unknown before reading (indexed or token-id data
-    without a tokenizer), so that the ids must be checked as they are read."""
-    from trntrain.config.validate import data_entries
-
-    return any(DATA_SOURCES[d.source].tokenizer_vocab_size(
-        OmegaConf.create({"data": d, "model": cfg.model})) is None for d in data_entries(cfg))
-
-
 __all__ = [
     "Batch",
     "BlendSource",
@@ -57,5 +48,4 @@ __all__ = [
     "StepBatches",
     "build_data_source",
     "build_tokenizer",
-    "ids_unchecked",
 ]

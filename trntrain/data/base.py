@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from trntrain.data.indexed import optimal_dtype
 from trntrain.errors import UserError
 
 SPLITS = ("train", "val")
@@ -55,6 +56,7 @@ class DataSource(ABC):
     def __init__(self, data_cfg: DictConfig, model_cfg: DictConfig, seq_len: int,
                  seed: int) -> None:
         self.cfg = data_cfg
+        self.model_cfg = model_cfg
         self.seq_len = seq_len
         self.seed = seed
         self._streams = self.load_streams(model_cfg)
@@ -69,9 +71,14 @@ class DataSource(ABC):
 
     @classmethod
     @abstractmethod
-    def tokenizer_vocab_size(cls, cfg: DictConfig) -> int | None:
+    def tokenizer_vocab_size(cls, data_cfg: DictConfig, model_cfg: DictConfig) -> int | None:
         """The number of token ids the source can emit (model.vocab_size must cover it),
         or None where only the data can tell (ids are then checked as they are read)."""
+
+    @property
+    def ids_unchecked(self) -> bool:
+        """Whether the ids must be checked as they are read (no tokenizer vouches for them)."""
+        return self.tokenizer_vocab_size(self.cfg, self.model_cfg) is None
 
     @classmethod
     def check_files(cls, data_cfg: DictConfig) -> None:
@@ -106,14 +113,18 @@ class DataSource(ABC):
         return self.windows(split, self._orders[split].windows(indices, shuffle))
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest dtype that holds every id below vocab_size."""
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
+def split_documents(documents: Iterable[tuple[str, np.ndarray]], val_fraction: float
+                    ) -> dict[str, list[np.ndarray]]:
+    """Each document's tokens into the split its key falls in (see is_validation)."""
+    splits: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for key, tokens in documents:
+        splits["val" if is_validation(key, val_fraction) else "train"].append(tokens)
+    return splits
 
 
 def pack_documents(documents: Iterable[np.ndarray], eot_id: int, vocab_size: int) -> np.ndarray:
     """One stream: each document's tokens followed by the end-of-text token."""
-    dtype = token_dtype(vocab_size)
+    dtype = optimal_dtype(vocab_size)
     eot = np.array([eot_id], dtype=dtype)
     pieces = [p for doc in documents for p in (doc.astype(dtype, copy=False), eot)]
     return np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)

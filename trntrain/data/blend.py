@@ -49,8 +49,12 @@ class BlendSource(DataSource):
         self.counts, self.block_source, self.block_rank = block_layout(weights)
 
     @classmethod
-    def tokenizer_vocab_size(cls, cfg: DictConfig) -> int | None:
+    def tokenizer_vocab_size(cls, data_cfg: DictConfig, model_cfg: DictConfig) -> int | None:
         raise NotImplementedError("validate.py checks each entry of data.blend")
+
+    @property
+    def ids_unchecked(self) -> bool:
+        return any(c.ids_unchecked for c in self.components)
 
     def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:
         raise NotImplementedError("a blend has no stream of its own")
@@ -83,6 +87,11 @@ def check_weight(weight: object, field: str) -> float:
         raise UserError(f"{field}={weight!r} is invalid; valid: a positive number (the weights "
                         f"of data.blend are normalised to sum to 1).")
     return float(weight)
+
+
+def data_entries(data_cfg: DictConfig) -> list[tuple[float, DictConfig]]:
+    """(weight, data config) of each source: the data config alone, or data.blend's."""
+    return blend_entries(data_cfg) if data_cfg.blend else [(1.0, data_cfg)]
 
 
 def blend_entries(data_cfg: DictConfig) -> list[tuple[float, DictConfig]]:

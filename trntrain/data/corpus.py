@@ -32,7 +32,7 @@ class CorpusSource(DataSource):
     tokenizer = ByteTokenizer()
 
     @classmethod
-    def tokenizer_vocab_size(cls, cfg: DictConfig) -> int:
+    def tokenizer_vocab_size(cls, data_cfg: DictConfig, model_cfg: DictConfig) -> int:
         return cls.tokenizer.vocab_size
 
     def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:

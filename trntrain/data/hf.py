@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from trntrain.data.base import DataSource, is_validation, pack_documents
+from trntrain.data.base import DataSource, pack_documents, split_documents
 from trntrain.data.text import resolve_files, tokenize_documents
 from trntrain.data.tokenizer import build_tokenizer
 from trntrain.errors import UserError
@@ -71,10 +71,10 @@ def column(dataset, key: str, field: str, path: str) -> Iterator:
 
 class HFSource(DataSource):
     @classmethod
-    def tokenizer_vocab_size(cls, cfg: DictConfig) -> int | None:
-        if cfg.data.tokens_key:
+    def tokenizer_vocab_size(cls, data_cfg: DictConfig, model_cfg: DictConfig) -> int | None:
+        if data_cfg.tokens_key:
             return None  # ids from another tokenizer: checked as they are read
-        return build_tokenizer(cfg.data.tokenizer, cfg.data.eot_token).vocab_size
+        return build_tokenizer(data_cfg.tokenizer, data_cfg.eot_token).vocab_size
 
     @classmethod
     def check_files(cls, data_cfg: DictConfig) -> None:
@@ -96,9 +96,7 @@ class HFSource(DataSource):
                      enumerate(column(dataset, c.text_key, "data.text_key", c.path)))
             docs = tokenize_documents(texts, tokenizer)
             eot, vocab = tokenizer.eot_id, tokenizer.vocab_size
-        splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-        for key, tokens in docs:
-            splits["val" if is_validation(key, c.val_fraction) else "train"].append(tokens)
+        splits = split_documents(docs, c.val_fraction)
         if eot is None:
             return {s: np.concatenate(d) if d else np.empty(0, np.int64)
                     for s, d in splits.items()}

@@ -21,10 +21,10 @@ from trntrain.errors import UserError
 
 class IndexedSource(DataSource):
     @classmethod
-    def tokenizer_vocab_size(cls, cfg: DictConfig) -> int | None:
-        if cfg.data.tokenizer is None:
+    def tokenizer_vocab_size(cls, data_cfg: DictConfig, model_cfg: DictConfig) -> int | None:
+        if data_cfg.tokenizer is None:
             return None
-        return build_tokenizer(cfg.data.tokenizer, cfg.data.eot_token).vocab_size
+        return build_tokenizer(data_cfg.tokenizer, data_cfg.eot_token).vocab_size
 
     @classmethod
     def check_files(cls, data_cfg: DictConfig) -> None:

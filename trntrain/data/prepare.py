@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from trntrain.data.indexed import IndexedDataset, IndexedDatasetWriter, merge, optimal_dtype
@@ -129,39 +130,24 @@ def unit_texts(unit: Unit, settings: Settings, bad: BadLines) -> Iterator[tuple[
                         f"{settings.text_key!r} is {type(text).__name__}, not a string")
 
 
-_tokenizer: Tokenizer | None = None
-
-
-def _init_worker(settings: Settings) -> None:
-    global _tokenizer
-    _tokenizer = build_tokenizer(settings.tokenizer, settings.eot_token)
-
-
 def tokenize_unit(task: tuple[Unit, str, Settings]) -> tuple[int, str | None, str | None]:
     """Write one unit's documents to the shard `prefix` (kept if already complete);
     returns (malformed lines skipped, the first of them, an error message)."""
     unit, prefix, settings = task
     if IndexedDataset.exists(prefix):
         return 0, None, None
-    tokenizer = _tokenizer or build_tokenizer(settings.tokenizer, settings.eot_token)
+    # Loaded by the parent already: a forked worker finds it in build_tokenizer's cache.
+    tokenizer = build_tokenizer(settings.tokenizer, settings.eot_token)
     bad = BadLines(settings.on_bad_line, "--on-bad-line=skip")
     try:
         with IndexedDatasetWriter(prefix, optimal_dtype(tokenizer.vocab_size)) as writer:
+            eot = np.array([tokenizer.eot_id], dtype=writer.dtype)
             for _, tokens in tokenize_documents(unit_texts(unit, settings, bad), tokenizer):
-                writer.add_document(_with_eot(tokens, tokenizer.eot_id))
+                writer.add_document(np.concatenate([tokens.astype(writer.dtype, copy=False), eot]))
     except UserError as err:
         # Workers' exceptions cross a pipe as text; the message is what matters.
         return bad.count, bad.first, str(err)
     return bad.count, bad.first, None
-
-
-def _with_eot(tokens, eot_id: int):
-    import numpy as np
-
-    out = np.empty(len(tokens) + 1, dtype=np.int64)
-    out[:-1] = tokens
-    out[-1] = eot_id
-    return out
 
 
 def _fingerprint(files: list[Path], settings: Settings) -> dict:
@@ -220,7 +206,7 @@ def prepare(inputs: list[str], output: str, settings: Settings, workers: int = 1
     skipped, first_bad = 0, None
     with tqdm(total=input_bytes, unit="B", unit_scale=True, desc="prepare",
               disable=not progress, mininterval=0.5) as bar, \
-            WorkerPool(min(workers, len(tasks)), settings) as pool:
+            WorkerPool(min(workers, len(tasks))) as pool:
         results = pool.imap(tokenize_unit, tasks) if pool else map(tokenize_unit, tasks)
         for (unit, _, _), (count, first, error) in zip(tasks, results, strict=True):
             if error:
@@ -253,8 +239,8 @@ def _write_empty(output: str, tokenizer: Tokenizer) -> None:
 class WorkerPool:
     """A process pool for several workers, none (work in this process) for one."""
 
-    def __init__(self, workers: int, settings: Settings) -> None:
-        self.workers, self.settings = workers, settings
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
         self.pool = None
 
     def __enter__(self):
@@ -262,10 +248,7 @@ class WorkerPool:
             # fork where there is one: a spawned worker would spend seconds importing torch.
             # The parent has not encoded anything yet, so no tokenizer thread pool is forked.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self.pool = multiprocessing.get_context(method).Pool(
-                self.workers, _init_worker, (self.settings,))
-        else:
-            _init_worker(self.settings)
+            self.pool = multiprocessing.get_context(method).Pool(self.workers)
         return self.pool
 
     def __exit__(self, *exc: object) -> None:

@@ -11,8 +11,8 @@ from trntrain.data.base import DataSource
 
 class SyntheticSource(DataSource):
     @classmethod
-    def tokenizer_vocab_size(cls, cfg: DictConfig) -> int:
-        return cfg.model.vocab_size
+    def tokenizer_vocab_size(cls, data_cfg: DictConfig, model_cfg: DictConfig) -> int:
+        return model_cfg.vocab_size
 
     def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:
         gen = torch.Generator().manual_seed(self.seed)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from trntrain.data.base import DataSource, is_validation, pack_documents
+from trntrain.data.base import DataSource, pack_documents, split_documents
 from trntrain.data.tokenizer import Tokenizer, build_tokenizer
 from trntrain.errors import UserError
 
@@ -123,8 +123,8 @@ class TextDocumentsSource(DataSource):
     suffixes: tuple[str, ...] = ()
 
     @classmethod
-    def tokenizer_vocab_size(cls, cfg: DictConfig) -> int:
-        return build_tokenizer(cfg.data.tokenizer, cfg.data.eot_token).vocab_size
+    def tokenizer_vocab_size(cls, data_cfg: DictConfig, model_cfg: DictConfig) -> int:
+        return build_tokenizer(data_cfg.tokenizer, data_cfg.eot_token).vocab_size
 
     @classmethod
     def check_files(cls, data_cfg: DictConfig) -> None:
@@ -136,9 +136,8 @@ class TextDocumentsSource(DataSource):
     def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:
         tokenizer = build_tokenizer(self.cfg.tokenizer, self.cfg.eot_token)
         files = resolve_files(self.cfg.path, self.suffixes)
-        splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-        for key, tokens in tokenize_documents(self.documents(files), tokenizer):
-            splits["val" if is_validation(key, self.cfg.val_fraction) else "train"].append(tokens)
+        splits = split_documents(tokenize_documents(self.documents(files), tokenizer),
+                                 self.cfg.val_fraction)
         return {split: pack_documents(docs, tokenizer.eot_id, tokenizer.vocab_size)
                 for split, docs in splits.items()}
 

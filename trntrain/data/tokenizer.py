@@ -9,12 +9,14 @@ special tokens; the sources put `eot_id` between documents.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from trntrain.data.indexed import optimal_dtype
 from trntrain.errors import UserError
 
 # The split pattern of tiktoken's cl100k_base, which Llama 3 uses unchanged.
@@ -24,7 +26,6 @@ CL100K_PATTERN = (
 )
 # Llama 3 reserves 256 special tokens after the BPE ranks; the second ends a text.
 TIKTOKEN_SPECIAL_TOKENS = 256
-TIKTOKEN_EOT_OFFSET = 1
 # Tried in order when data.eot_token is null.
 EOT_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eot_id|>")
 
@@ -37,7 +38,8 @@ class Tokenizer:
     eot_id: int
 
     def encode(self, text: str) -> np.ndarray:
-        """Token ids of `text`, without special tokens."""
+        """Token ids of `text` (the narrowest dtype for the vocabulary), without special
+        tokens."""
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -85,7 +87,7 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         # The fast variant skips the character offsets, which nothing here uses.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [np.asarray(e.ids, dtype=np.int64)
+        return [np.asarray(e.ids, dtype=optimal_dtype(self.vocab_size))
                 for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, tokens: torch.Tensor | np.ndarray | list[int]) -> str:
@@ -114,11 +116,11 @@ class TiktokenTokenizer(Tokenizer):
                                       mergeable_ranks=ranks, special_tokens=special)
         self.name = str(path)
         self.vocab_size = n + TIKTOKEN_SPECIAL_TOKENS
-        self.eot_id = _eot_id(special, eot_token, path) if eot_token else n + TIKTOKEN_EOT_OFFSET
+        self.eot_id = _eot_id(special, eot_token, path)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         # Special-token text in a document is ordinary text, never a control token.
-        return [np.asarray(ids, dtype=np.int64)
+        return [np.asarray(ids, dtype=optimal_dtype(self.vocab_size))
                 for ids in self._enc.encode_ordinary_batch(texts, num_threads=1)]
 
     def decode(self, tokens: torch.Tensor | np.ndarray | list[int]) -> str:
@@ -156,7 +158,9 @@ def _specials(vocab: dict[str, int]) -> list[str]:
 
 
 def build_tokenizer(spec: str, eot_token: str | None = None) -> Tokenizer:
-    """The tokenizer `data.tokenizer` names: byte, a tokenizer.json or a tiktoken file."""
+    """The tokenizer `data.tokenizer` names: byte, a tokenizer.json or a tiktoken file.
+    Loaded once per process and file version: validation, the sources and `prepare`'s
+    forked workers share it."""
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec).expanduser()
@@ -165,6 +169,12 @@ def build_tokenizer(spec: str, eot_token: str | None = None) -> Tokenizer:
     if not path.is_file():
         raise UserError(f"data.tokenizer={spec!r}: no such file; valid: byte, the path of a "
                         f"Hugging Face tokenizer.json (or its directory), or of a tiktoken file.")
+    stat = path.stat()
+    return _load(spec, path.resolve(), stat.st_mtime_ns, stat.st_size, eot_token)
+
+
+@functools.lru_cache(maxsize=8)
+def _load(spec: str, path: Path, mtime_ns: int, size: int, eot_token: str | None) -> Tokenizer:
     with path.open("rb") as f:
         is_json = f.read(1) == b"{"
     if is_json:
