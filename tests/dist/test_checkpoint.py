@@ -61,7 +61,7 @@ def test_checkpoint_reshards_to_other_layouts(distributed, tmp_path):
 def test_pytorch_tools_read_the_checkpoint(tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    run(0, 1, str(tmp_path / "run"), ())
+    trained = run(0, 1, str(tmp_path / "run"), ())["params"]
     checkpoint = tmp_path / "run" / "checkpoints" / step_dir_name(20)
     dcp_to_torch_save(checkpoint, tmp_path / "flat.pt")
     state = torch.load(tmp_path / "flat.pt", weights_only=True)
@@ -70,6 +70,10 @@ def test_pytorch_tools_read_the_checkpoint(tmp_path):
     trainer.load_checkpoint(checkpoint)
     for name, p in trainer.model.named_parameters():
         assert torch.equal(state[f"model.{name}"], p.detach())
+    # The flat file holds the weights the run trained to step 20, every one of them.
+    assert {k for k in state if k.startswith("model.")} == {f"model.{n}" for n in trained}
+    for name, head in trained.items():
+        assert state[f"model.{name}"].flatten()[:64].tolist() == head
     assert int(state["trainer.step"]) == 20
     assert state["optim.layers.0.attention.wq.weight.exp_avg"].shape == (128, 128)
 

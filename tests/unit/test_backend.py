@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from tests.conftest import tiny_config
 from trntrain.backend import build_backend, detect_backend, resolve_backend_name
@@ -22,6 +23,10 @@ def test_auto_picks_cpu_on_this_machine():
     assert importlib.util.find_spec("torch_neuronx") is None
     assert detect_backend() in ("cpu", "cuda")
     assert build_backend(tiny_config().backend).name == detect_backend()
+    # The rule, stated independently: neuron is out (asserted above), then cuda, then cpu.
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert detect_backend() == expected
+    assert build_backend(tiny_config().backend).name == expected
 
 
 def test_neuron_compiler_flags_from_config():

@@ -88,8 +88,11 @@ def test_every_model_option_validates():
 )
 def test_invalid_values_name_key_and_valid_range(overrides, world_size, key, valid):
     if key is None:  # an unknown group option: Hydra refuses it while composing
-        with pytest.raises(HydraException):
+        with pytest.raises(HydraException) as composing:
             compose(overrides)
+        assert explain(composing.value) == (
+            "checkpoint=zip is invalid: conf/checkpoint/ has no option 'zip'; valid: one of "
+            "dcp, hf, none.")
         return
     cfg = compose(overrides)
     with pytest.raises(ConfigError) as info:
@@ -128,5 +131,7 @@ def test_structured_schema_checks_types_in_group_files():
     cfg = compose(["model=llama3_8b", "train.seq_len=2048"])
     assert OmegaConf.get_type(cfg.model).__name__ == "ModelConfig"
     assert OmegaConf.get_type(cfg.data).__name__ == "CorpusDataConfig"
-    with pytest.raises(HydraException):
+    with pytest.raises(HydraException) as info:
         compose(["data=synthetic", "data.root=/tmp"])  # a corpus-only key
+    assert explain(info.value) == ("data.root is not a key of data; valid keys of data: "
+                                   "source, val_fraction, blend, num_tokens.")

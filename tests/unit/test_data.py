@@ -111,6 +111,11 @@ def test_epochs_visit_every_window_once_in_a_seeded_order(corpus_source):
     assert not torch.equal(first, windows)
     assert not torch.equal(first, second)
     assert torch.equal(epoch(7, 0), first)
+    # A source built afresh with the same seed orders the first epoch identically.
+    fresh = build_data_source(tiny_config("train.seed=7"))
+    (x, y), = StepBatches(fresh, "train", n, n, 0, 1).step(0)
+    assert fresh is not sources[7]
+    assert torch.equal(torch.cat([x, y[:, -1:]], dim=1), first)
     assert not torch.equal(epoch(8, 0), first)
 
 

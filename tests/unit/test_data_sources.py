@@ -283,3 +283,7 @@ def test_resume_continues_at_the_recorded_position(tmp_path, three_sources, blen
     # The uninterrupted run with the first batch size would have read the same samples.
     straight = StepBatches(first.data, "train", 8, 8, 0, 1)
     assert torch.equal(x[:8], straight.step(3)[0][0])
+    # ... and its steps 3 and 4 together are exactly the resumed step-3 batch of 16.
+    (x3, y3), = straight.step(3)
+    (x4, y4), = straight.step(4)
+    assert torch.equal(x, torch.cat([x3, x4])) and torch.equal(y, torch.cat([y3, y4]))

@@ -52,13 +52,15 @@ def test_documents_in_input_order_with_eot(tmp_path, inputs):
 
 
 def test_workers_and_units_do_not_change_the_bytes(tmp_path, inputs):
-    root, _ = inputs
+    root, texts = inputs
     prepare([str(root)], str(tmp_path / "one"), Settings(), workers=1, progress=False)
     # Units of 1 kB cut the JSONL files mid-line: each line goes to the unit it starts in.
     prepare([str(root)], str(tmp_path / "two"), Settings(), workers=2, progress=False,
             unit_bytes=1000)
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"one{suffix}").read_bytes() == (tmp_path / f"two{suffix}").read_bytes()
+    # The byte tokenizer, by hand: a document is its UTF-8 bytes, then EOT id 256.
+    assert documents(tmp_path / "two") == [list(t.encode()) + [256] for t in texts]
 
 
 def test_hf_tokenizer(tmp_path, inputs, hf_tokenizer_json):
@@ -66,6 +68,13 @@ def test_hf_tokenizer(tmp_path, inputs, hf_tokenizer_json):
     prepare([str(root)], str(tmp_path / "ds"), Settings(tokenizer=str(hf_tokenizer_json)),
             progress=False)
     assert documents(tmp_path / "ds") == expected(texts, str(hf_tokenizer_json))
+    # transformers reads the same tokenizer.json independently of trntrain's tokenizer.
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_tokenizer_json))
+    eos = ref.convert_tokens_to_ids("</s>")
+    assert documents(tmp_path / "ds") == [ref.encode(t, add_special_tokens=False) + [eos]
+                                          for t in texts]
 
 
 def test_parquet_input(tmp_path):
