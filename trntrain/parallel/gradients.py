@@ -96,6 +96,17 @@ def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads).float()
 
 
+def global_norm(sharded_squares: torch.Tensor, replicated_squares: torch.Tensor,
+                tp_group: Group, pp_group: Group, dp_group: Group = None) -> torch.Tensor:
+    """The global norm from this rank's sums of squares: tp shards add over the tp group,
+    replicated parameters count once, slices held per dp rank (ZeRO) add over dp, and
+    pipeline stages add their parts."""
+    squares = all_reduce(sharded_squares, tp_group) + replicated_squares
+    if dp_group is not None:
+        squares = all_reduce(squares, dp_group)
+    return all_reduce(squares, pp_group).sqrt()
+
+
 @torch.no_grad()
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, tp_group: Group,
                     pp_group: Group = None) -> torch.Tensor:
@@ -109,8 +120,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, tp_group: Group
     device = with_grad[0].grad.device
     sharded = _norm([p.grad for p in counted if is_tp_sharded(p)], device)
     replicated = _norm([p.grad for p in counted if not is_tp_sharded(p)], device)
-    squares = all_reduce(sharded.pow(2), tp_group) + replicated.pow(2)
-    total = all_reduce(squares, pp_group).sqrt()
+    total = global_norm(sharded.pow(2), replicated.pow(2), tp_group, pp_group)
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
     return total

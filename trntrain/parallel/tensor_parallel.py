@@ -58,6 +58,14 @@ def enter_tp_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> t
     return copy_to_tp_region(x, group)
 
 
+def leave_tp_region(y: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """The output of row-parallel layers: partial sums all-reduced, or reduce-scattered
+    along the sequence under sequence parallelism."""
+    if sequence_parallel:
+        return reduce_scatter_to_sequence_region(y, group)
+    return reduce_from_tp_region(y, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's output rows split over tp: each rank returns its slice of y.
 
@@ -95,10 +103,7 @@ class RowParallelLinear(nn.Module):
         self.weight = shard_weight(linear, group, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        if self.sequence_parallel:
-            return reduce_scatter_to_sequence_region(y, self.group)
-        return reduce_from_tp_region(y, self.group)
+        return leave_tp_region(F.linear(x, self.weight), self.group, self.sequence_parallel)
 
 
 class ReplicatedKVLinear(nn.Module):
@@ -135,9 +140,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.weight.shape[0])
         h = F.embedding(local.masked_fill(outside, 0), self.weight)
         h = h.masked_fill(outside.unsqueeze(-1), 0.0)
-        if self.sequence_parallel:
-            return reduce_scatter_to_sequence_region(h, self.group)
-        return reduce_from_tp_region(h, self.group)
+        return leave_tp_region(h, self.group, self.sequence_parallel)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -25,9 +25,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from trntrain.parallel.comm import Group, all_gather_dim, all_reduce, group_rank, group_size
+from trntrain.parallel.comm import Group, all_gather_dim, group_rank, group_size
 from trntrain.parallel.comm import reduce_scatter_dim as reduce_scatter
-from trntrain.parallel.gradients import gradient
+from trntrain.parallel.gradients import global_norm, gradient
 
 
 @dataclass
@@ -114,9 +114,7 @@ class ShardedOptimizer:
                     sharded = sharded + square
                 else:
                     replicated = replicated + square
-        squares = all_reduce(all_reduce(sharded, tp_group), self.dp_group)
-        squares = squares + all_reduce(replicated, self.dp_group)
-        total = all_reduce(squares, pp_group).sqrt()
+        total = global_norm(sharded, replicated, tp_group, pp_group, self.dp_group)
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_([b.master for b in self.buckets], max_norm,
                                                  total)
