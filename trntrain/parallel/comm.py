@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from trntrain import faults
+
 Group = dist.ProcessGroup | None
 
 # torch 2.13 renamed the single-tensor collectives; torch 2.9 (Trn1) has only the old names.
@@ -64,13 +66,19 @@ def group_rank(group: Group) -> int:
 
 # -- plain collectives (no autograd) ----------------------------------------------------------
 
+# Global ranks by id(group): looked up once, not at every collective. Keyed by id so that
+# no group object outlives its teardown here (a stale entry could only mislabel a note).
+_GROUP_RANKS: dict[int, list[int]] = {}
+
+
 def describe(op: str, group: Group) -> str:
-    return f"{op} over ranks {dist.get_process_group_ranks(group)}"
+    ranks = _GROUP_RANKS.get(id(group))
+    if ranks is None:
+        ranks = _GROUP_RANKS[id(group)] = dist.get_process_group_ranks(group)
+    return f"{op} over ranks {ranks}"
 
 
 def _note(op: str, group: Group) -> None:
-    from trntrain import faults
-
     if faults.WATCHDOG is not None:
         faults.note(describe(op, group))
 
