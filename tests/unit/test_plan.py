@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from tests.conftest import run_distributed, tiny_config
-from trntrain.config import compose, validate
+from trntrain.config import ConfigError, compose, validate
 from trntrain.distributed import World
-from trntrain.metrics.flops import flops_per_token
+from trntrain.metrics.flops import flops_per_token, kv_dim
 from trntrain.metrics.memory import ActivationMemory
 from trntrain.models import build_model, count_parameters
+from trntrain.parallel.pipeline import partition_model
 from trntrain.plan import fit_warning, plan, plan_layout
 from trntrain.plan.layout import Layout, layout_from_config
 from trntrain.plan.memory import (
@@ -105,6 +106,32 @@ def test_flops_per_token_is_6n_plus_12lhqt():
     m = compose(["model=llama3_8b"]).model
     assert 3 * 32 * layer_forward_flops(m, 8192) + 6 * 4096 * 128256 == pytest.approx(
         flops_per_token(m, 8192), rel=1e-12)
+    # By hand, Llama-3-8B: h 4096, 8 kv heads of 128, f 14336, L 32, V 128256, s 8192.
+    h, kv, f, n_layers, v, s = 4096, 1024, 14336, 32, 128256, 8192
+    assert kv_dim(m) == kv and kv_dim(compose(["model=llama2_7b"]).model) == 4096  # no GQA
+    layer_matmuls = 2 * h * h + 2 * h * kv + 3 * h * f  # q, o; k, v; w1, w2, w3
+    assert flops_per_token(m, s) == 6 * (n_layers * layer_matmuls + v * h) + 12 * n_layers * h * s
+    assert 3 * n_layers * layer_forward_flops(m, s) == (6 * n_layers * layer_matmuls
+                                                        + 12 * n_layers * h * s)
+
+
+def test_pipeline_cut_by_hand():
+    """`partition_model`, the cut of the planner (and of the trainer's `layer_costs` /
+    `partition_layers`), balances forward FLOPs per token; the last chunk runs the head."""
+    m = compose(["model=llama3_8b"]).model
+    h, kv, f, v, s = 4096, 1024, 14336, 128256, 4096
+    lf = 2 * (2 * h * h + 2 * h * kv + 3 * h * f) + 4 * h * s  # 503,316,480
+    head = 2 * h * v  # 1,050,673,152: about 2.09 layers
+    assert partition_model(m, s, 1) == [range(32)]
+    # Two chunks: 17 | 15 + head; one layer either way makes the larger chunk larger.
+    assert max(17 * lf, 15 * lf + head) < min(16 * lf + head, 18 * lf)
+    assert partition_model(m, s, 2) == [range(0, 17), range(17, 32)]
+    assert chunk_layers(m, s, 2) == [17, 15]
+    # Four chunks: the head's chunk takes 6 layers (6 + 2.09 < 9 < 7 + 2.09), the other
+    # 26 go 9, 9, 8 in some order: the most expensive chunk costs 9 layers.
+    sizes = chunk_layers(m, s, 4)
+    assert sum(sizes) == 32 and sizes[-1] == 6 and sorted(sizes[:3]) == [8, 9, 9]
+    assert 6 * lf + head < 9 * lf < 7 * lf + head
 
 
 def test_step_time_terms_by_hand():
@@ -118,8 +145,10 @@ def test_step_time_terms_by_hand():
     # 4 all-reduces per layer + the head's one, ring 2 (t-1)/t, (4096, 4096) bf16.
     per_mb = (4 * 15 + 1) * 2 * 7 / 8 * 4096 * 4096 * 2 / intra
     assert t["tp_comm"] == pytest.approx(8 * per_mb, rel=1e-9)
-    compute = 4096 * (15 * 3 * layer_forward_flops(cfg.model, 4096)
-                      + 6 * 4096 * 128256) / 8 / (95e12 * 0.5)
+    h, kv, f, s = 4096, 1024, 14336, 4096
+    lf = 2 * (2 * h * h + 2 * h * kv + 3 * h * f) + 4 * h * s  # a layer's forward per token
+    compute = 4096 * (15 * 3 * lf + 6 * 4096 * 128256) / 8 / (95e12 * 0.5)
+    assert lf == layer_forward_flops(cfg.model, 4096)
     assert t["compute"] == pytest.approx(8 * compute, rel=1e-9)
     # pp neighbours 32 ranks apart: on different nodes; one (tp, dp) pair of 32 per node
     # shares the node's 800 Gbps.
@@ -236,6 +265,35 @@ def test_search_returns_valid_fitting_layouts_fastest_first():
         validate(trial, 128)
         assert layout_from_config(trial, 128) == lay
         assert plan_layout(cfg, lay).memory_per_core_gib == p.memory_per_core_gib
+        assert p.world_size == 128
+    # One layout by hand: tp=8 with sp, dp=16, ZeRO-1, full checkpointing, 4 micro-batches.
+    lay = layout(tp=8, dp=16, sequence_parallel=True, zero1=True,
+                 activation_checkpointing="full", microbatches=4)
+    (p,) = [p for p in plans if p.layout == lay]
+    h, kv, f, v, s = 4096, 1024, 14336, 128256, 4096
+    n = 32 * (2 * h + 2 * h * h // 8 + 2 * kv // 8 * h + 3 * f * h // 8) + 2 * v // 8 * h + h
+    assert n == 1_004_015_616
+    assert p.memory["params"] == 2 * n  # bf16
+    lf = 2 * (2 * h * h + 2 * h * kv + 3 * h * f) + 4 * h * s
+    # Forward, backward and the full recompute: 4 forwards of each layer; the head 6 h V.
+    compute = 4 * s * (32 * 4 * lf + 6 * h * v) / 8 / (95e12 * 0.5)
+    assert p.time["compute"] == pytest.approx(compute, rel=1e-12)
+    # dp ranks 8 apart over 4 nodes: 4 per node, 8 such rings share a node's 800 Gbps;
+    # fp32 reduce-scatter and all-gather of this rank's parameters.
+    assert p.time["dp_comm"] == pytest.approx(2 * 15 / 16 * 4 * n / (800e9 / 8 * 4 / 32),
+                                              rel=1e-12)
+    assert p.tokens_per_s == pytest.approx(64 * 4096 / p.step_time_s, rel=1e-12)
+
+
+def test_plan_and_search_validate_the_plan_keys():
+    cluster = ["model=llama3_8b", "cluster=trn1_32xlarge", "cluster.nodes=4",
+               "train.seq_len=4096", "train.global_batch_size=64"]
+    with pytest.raises(ConfigError, match="plan.top"):
+        search(compose([*cluster, "plan.top=0"]))
+    with pytest.raises(ConfigError, match="plan.compute_efficiency"):
+        plan(compose([*cluster, "plan.compute_efficiency=1.5"]))
+    with pytest.raises(ConfigError, match="plan.format"):
+        search(compose([*cluster, "plan.format=yaml"]))
 
 
 def test_train_warns_only_when_the_layout_overflows():

@@ -12,10 +12,13 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 
+def kv_dim(model: DictConfig) -> int:
+    """Width of the k and v projections: kv heads (n_heads without GQA) x head size."""
+    return (model.n_kv_heads or model.n_heads) * (model.dim // model.n_heads)
+
+
 def matmul_parameters(model: DictConfig) -> int:
-    head_dim = model.dim // model.n_heads
-    kv_dim = (model.n_kv_heads or model.n_heads) * head_dim
-    per_layer = model.dim * (model.dim + 2 * kv_dim) + model.dim * model.dim
+    per_layer = model.dim * (model.dim + 2 * kv_dim(model)) + model.dim * model.dim
     per_layer += 3 * model.dim * model.ffn_hidden_dim
     return model.n_layers * per_layer + model.vocab_size * model.dim
 

@@ -19,12 +19,15 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 from torch import nn
 
 from trntrain.faults import note
+from trntrain.metrics.flops import kv_dim
 from trntrain.parallel.comm import COMM_STATS, Group
 from trntrain.parallel.pipeline_schedule import (
     Action,
@@ -68,6 +71,22 @@ def partition_layers(costs: list[float], chunks: int, head_cost: float) -> list[
         bounds.append(range(cut[k][i], i))
         i = cut[k][i]
     return bounds[::-1]
+
+
+def partition_model(model: DictConfig, seq_len: int, chunks: int) -> list[range]:
+    """The layers of each of the `chunks` pipeline chunks of `model` (pp x virtual_pp,
+    1 without a pipeline), balanced by `layer_costs`, the last chunk also running the
+    output head (2 h V FLOPs per token)."""
+    return list(_partition_model(model.n_layers, model.dim, kv_dim(model),
+                                 model.ffn_hidden_dim, model.vocab_size, seq_len, chunks))
+
+
+@lru_cache(maxsize=256)
+def _partition_model(n_layers: int, dim: int, kv: int, ffn: int, vocab: int, seq_len: int,
+                     chunks: int) -> tuple[range, ...]:
+    # Cached: the planner's layout search asks for the same cut thousands of times.
+    costs = layer_costs(n_layers, dim, kv, ffn, seq_len)
+    return tuple(partition_layers(costs, chunks, head_cost=2 * dim * vocab))
 
 
 def keep_chunk(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from trntrain.config.validate import ConfigError, require
 from trntrain.plan.layout import Layout, layout_from_config, planned_world_size
-from trntrain.plan.memory import GIB, in_flight_counts, memory_per_core, rank_params
+from trntrain.plan.memory import GIB, all_rank_params, in_flight_counts, memory_per_core
 from trntrain.plan.step_time import step_time, throughput
 
 FORMATS = ("text", "json")
@@ -22,7 +22,6 @@ FORMATS = ("text", "json")
 @dataclass
 class Plan:
     layout: Layout
-    world_size: int
     stage: int  # the pipeline rank that needs the most memory
     memory: dict[str, float]  # bytes by part on that rank
     limit_gib: float | None  # cluster.memory_per_core_gib
@@ -31,6 +30,10 @@ class Plan:
     tokens_per_s: float | None = None
     mfu: float | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
 
     @property
     def memory_per_core_gib(self) -> float:
@@ -73,11 +76,10 @@ def validate_plan_config(cfg: DictConfig) -> None:
 
 def plan_layout(cfg: DictConfig, layout: Layout) -> Plan:
     """The plan of `layout` with the model, training and cluster of `cfg`."""
-    stage, memory = memory_per_core(cfg, layout)
-    params = max(sum(p.numel for p in rank_params(cfg.model, layout, cfg.train.seq_len, r))
-                 for r in range(layout.pp))
-    time = step_time(cfg, layout, params)
-    result = Plan(layout, layout.world_size, stage, memory, cfg.cluster.memory_per_core_gib,
+    params = all_rank_params(cfg.model, layout, cfg.train.seq_len)
+    stage, memory = memory_per_core(cfg, layout, params)
+    time = step_time(cfg, layout, max(sum(p.numel for p in ps) for ps in params))
+    result = Plan(layout, stage, memory, cfg.cluster.memory_per_core_gib,
                   in_flight_counts(layout), time)
     if time is not None:
         result.tokens_per_s, result.mfu = throughput(cfg, layout, sum(time.values()))

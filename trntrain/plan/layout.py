@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from trntrain.config import data_parallel_size, micro_batch_size, microbatches
+from trntrain.parallel.mesh import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,13 @@ class Layout:
     micro_batch_size: int  # sequences per micro-batch
 
     @property
+    def dims(self) -> ParallelDims:
+        """The process mesh of the layout (global ranks of its groups)."""
+        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp)
+
+    @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.dims.world_size
 
     @property
     def chunks(self) -> int:

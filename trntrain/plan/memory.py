@@ -42,12 +42,13 @@ of the schedule (`pipeline_schedule.rank_actions`), the same list the trainer ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 from omegaconf import DictConfig
 
-from trntrain.parallel.pipeline import layer_costs, partition_layers
+from trntrain.metrics.flops import kv_dim
+from trntrain.parallel.pipeline import partition_model
 from trntrain.parallel.pipeline_schedule import rank_actions
 from trntrain.plan.layout import Layout
 
@@ -77,7 +78,7 @@ def kv_heads(model: DictConfig) -> int:
 def layer_params(model: DictConfig, tp: int) -> list[Param]:
     """One transformer block's parameters on a tp rank, in the module's order."""
     h, f = model.dim, model.ffn_hidden_dim
-    kv = kv_heads(model) * (h // model.n_heads)
+    kv = kv_dim(model)
     sharded = tp > 1
     kv_sharded = tp <= kv_heads(model)
     kv_numel = (kv // tp if kv_sharded else kv) * h
@@ -94,21 +95,9 @@ def layer_params(model: DictConfig, tp: int) -> list[Param]:
     ]
 
 
-@lru_cache(maxsize=256)
-def _partition(n_layers: int, chunks: int, layer_cost: float, head_cost: float
-               ) -> tuple[tuple[int, int], ...]:
-    bounds = partition_layers([layer_cost] * n_layers, chunks, head_cost)
-    return tuple((r.start, r.stop) for r in bounds)
-
-
 def chunk_layers(model: DictConfig, seq_len: int, chunks: int) -> list[int]:
-    """Layers in each pipeline chunk, cut as the trainer cuts them."""
-    if chunks == 1:
-        return [model.n_layers]
-    kv_dim = kv_heads(model) * (model.dim // model.n_heads)
-    cost = layer_costs(1, model.dim, kv_dim, model.ffn_hidden_dim, seq_len)[0]
-    bounds = _partition(model.n_layers, chunks, cost, 2 * model.dim * model.vocab_size)
-    return [stop - start for start, stop in bounds]
+    """Layers in each pipeline chunk, cut as the trainer cuts them (`partition_model`)."""
+    return [len(r) for r in partition_model(model, seq_len, chunks)]
 
 
 def rank_chunks(layout: Layout) -> list[list[int]]:
@@ -137,6 +126,11 @@ def rank_params(model: DictConfig, layout: Layout, seq_len: int, rank: int) -> l
     return out
 
 
+def all_rank_params(model: DictConfig, layout: Layout, seq_len: int) -> list[list[Param]]:
+    """`rank_params` of every pipeline rank."""
+    return [rank_params(model, layout, seq_len, r) for r in range(layout.pp)]
+
+
 def sharded_optimizer(train: DictConfig, layout: Layout) -> bool:
     """The trainer steps flat fp32 slices under ZeRO-1 and for bf16 master weights
     (sharded over dp either way)."""
@@ -159,10 +153,10 @@ def sharded_elements(params: list[Param], dp: int, bucket_mb: float, precision: 
     return total + sum(-(-n // dp) for n in open_buckets.values() if n)
 
 
-def static_bytes(cfg: DictConfig, layout: Layout, rank: int) -> dict[str, int]:
-    """Parameters, gradients, optimizer moments and master weights on a pipeline rank."""
+def static_bytes(cfg: DictConfig, layout: Layout, params: list[Param]) -> dict[str, int]:
+    """Parameters, gradients, optimizer moments and master weights on a pipeline rank
+    holding `params` (its `rank_params`)."""
     t = cfg.train
-    params = rank_params(cfg.model, layout, t.seq_len, rank)
     numel = sum(p.numel for p in params)
     pe = param_bytes(t.precision)
     grads = numel * (4 if t.fp32_grad_accumulation else pe)
@@ -184,7 +178,6 @@ class ActivationModel:
     first: float  # embedding (chunk 0)
     last: float  # final norm, head input, loss (last chunk)
     per_chunk: float  # once per chunk whatever the micro-batches (fp32 rope tables)
-    extras: dict[str, float] = field(default_factory=dict)
 
 
 def fused_attention(cfg: DictConfig) -> bool:
@@ -260,10 +253,16 @@ def in_flight_counts(layout: Layout) -> list[int]:
             for r in range(layout.pp)]
 
 
-def stage_memory(cfg: DictConfig, layout: Layout, rank: int) -> dict[str, float]:
-    """Bytes on one pipeline rank, by part."""
-    out: dict[str, float] = dict(static_bytes(cfg, layout, rank))
-    act = activation_model(cfg, layout)
+def stage_memory(cfg: DictConfig, layout: Layout, rank: int,
+                 params: list[Param] | None = None, act: ActivationModel | None = None
+                 ) -> dict[str, float]:
+    """Bytes on one pipeline rank, by part; `params` (the rank's `rank_params`) and `act`
+    (the layout's `activation_model`) where the caller has them already."""
+    if params is None:
+        params = rank_params(cfg.model, layout, cfg.train.seq_len, rank)
+    if act is None:
+        act = activation_model(cfg, layout)
+    out: dict[str, float] = dict(static_bytes(cfg, layout, params))
     sizes = chunk_layers(cfg.model, cfg.train.seq_len, layout.chunks)
     last = layout.chunks - 1
     weights = tuple(sizes[c] * act.layer + (act.first if c == 0 else 0)
@@ -275,8 +274,11 @@ def stage_memory(cfg: DictConfig, layout: Layout, rank: int) -> dict[str, float]
     return out
 
 
-def memory_per_core(cfg: DictConfig, layout: Layout) -> tuple[int, dict[str, float]]:
-    """(pipeline rank, its bytes by part) of the rank that needs the most memory."""
-    stages = [stage_memory(cfg, layout, r) for r in range(layout.pp)]
+def memory_per_core(cfg: DictConfig, layout: Layout, params: list[list[Param]]
+                    ) -> tuple[int, dict[str, float]]:
+    """(pipeline rank, its bytes by part) of the rank that needs the most memory;
+    `params`: the layout's `all_rank_params`."""
+    act = activation_model(cfg, layout)
+    stages = [stage_memory(cfg, layout, r, params[r], act) for r in range(layout.pp)]
     rank = max(range(layout.pp), key=lambda r: sum(stages[r].values()))
     return rank, stages[rank]

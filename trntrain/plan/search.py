@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from trntrain.config import ConfigError, validate
-from trntrain.plan import Plan, plan_layout
+from trntrain.plan import Plan, plan_layout, validate_plan_config
 from trntrain.plan.layout import Layout, planned_world_size
 from trntrain.plan.memory import sharded_optimizer
 
@@ -81,6 +81,7 @@ def candidates(cfg: DictConfig, world: int) -> list[Layout]:
 def search(cfg: DictConfig) -> list[Plan]:
     """Plans of every valid layout that fits, fastest first (all of them, fastest
     first, where the cluster sets no memory limit)."""
+    validate_plan_config(cfg)
     world = planned_world_size(cfg)
     if cfg.cluster.procs_per_node is None:
         raise ConfigError("cluster", cfg.cluster.name, "a cluster with procs_per_node, e.g. "

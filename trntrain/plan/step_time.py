@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from trntrain.metrics.flops import mfu
+from trntrain.metrics.flops import kv_dim, mfu
+from trntrain.parallel.pipeline import layer_costs
 from trntrain.plan.layout import Layout
 from trntrain.plan.memory import (
     activation_bytes,
@@ -43,12 +44,9 @@ from trntrain.plan.memory import (
 
 def layer_forward_flops(model: DictConfig, seq_len: int) -> float:
     """Forward FLOPs per token of one transformer layer: 2 x its matmul parameters plus
-    the attention scores and their weighting (4 H Q T)."""
-    head_dim = model.dim // model.n_heads
-    kv_dim = (model.n_kv_heads or model.n_heads) * head_dim
-    params = 2 * model.dim * model.dim + 2 * model.dim * kv_dim
-    params += 3 * model.dim * model.ffn_hidden_dim
-    return 2 * params + 4 * model.dim * seq_len
+    the attention scores and their weighting (4 H Q T); the cost by which the trainer
+    balances its pipeline chunks (`pipeline.layer_costs`)."""
+    return layer_costs(1, model.dim, kv_dim(model), model.ffn_hidden_dim, seq_len)[0]
 
 
 def recompute_flops(model: DictConfig, seq_len: int, mode: str) -> float:
@@ -76,10 +74,6 @@ def group_bandwidth(cfg: DictConfig, ranks: list[int]) -> float:
     return min(intra, bytes_per_s(c.inter_node_gbps) * g / per_node)
 
 
-def _rank(layout: Layout, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
-    return (pp_rank * layout.dp + dp_rank) * layout.tp + tp_rank
-
-
 def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str, float] | None:
     """Seconds per optimizer step by term, or None where the cluster has no peak
     FLOP/s or bandwidths (cluster=local)."""
@@ -94,27 +88,28 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
     head = 6 * m.dim * m.vocab_size
     sizes = chunk_layers(m, s, layout.chunks)
     last = layout.chunks - 1
+    held = rank_chunks(layout)
+    dims = layout.dims
     speed = c.peak_flops_per_core * cfg.plan.compute_efficiency
 
     # The busiest pipeline rank sets the pace of every micro-batch.
     def rank_flops(r: int) -> float:
-        return sum(sizes[i] * per_layer + (head if i == last else 0)
-                   for i in rank_chunks(layout)[r])
+        return sum(sizes[i] * per_layer + (head if i == last else 0) for i in held[r])
 
     busiest = max(range(layout.pp), key=rank_flops)
     compute = tokens * rank_flops(busiest) / layout.tp / speed
 
     tp_comm = 0.0
     if layout.tp > 1:
-        ranks = [_rank(layout, 0, 0, i) for i in range(layout.tp)]
-        collectives = 4 * sum(sizes[i] for i in rank_chunks(layout)[busiest])
-        collectives += sum((i == 0) + (i == last) for i in rank_chunks(layout)[busiest])
+        ranks = [dims.rank_of(0, 0, i) for i in range(layout.tp)]
+        collectives = 4 * sum(sizes[i] for i in held[busiest])
+        collectives += sum((i == 0) + (i == last) for i in held[busiest])
         ring = 2 * (layout.tp - 1) / layout.tp
         tp_comm = collectives * ring * tokens * m.dim * e / group_bandwidth(cfg, ranks)
 
     p2p = bubble = 0.0
     if layout.pp > 1:
-        ranks = [_rank(layout, i, 0, 0) for i in range(layout.pp)]
+        ranks = [dims.rank_of(i, 0, 0) for i in range(layout.pp)]
         bw = min(group_bandwidth(cfg, ranks[i:i + 2]) for i in range(layout.pp - 1))
         shard = layout.tp if layout.sequence_parallel else 1
         p2p = 2 * layout.virtual_pp * tokens * m.dim * e / shard / bw
@@ -124,7 +119,7 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
 
     dp_comm = 0.0
     if layout.dp > 1:
-        ranks = [_rank(layout, 0, i, 0) for i in range(layout.dp)]
+        ranks = [dims.rank_of(0, i, 0) for i in range(layout.dp)]
         bw = group_bandwidth(cfg, ranks)
         if sharded_optimizer(t, layout):
             dp_comm = 2 * (layout.dp - 1) / layout.dp * 4 * params_per_rank / bw
