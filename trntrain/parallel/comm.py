@@ -30,7 +30,7 @@ from trntrain import faults
 Group = dist.ProcessGroup | None
 
 # torch 2.13 renamed the single-tensor collectives; torch 2.9 (Trn1) has only the old names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
                           or dist.reduce_scatter_tensor)
 
@@ -103,7 +103,7 @@ def all_gather_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((size * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
     COMM_STATS.record("all_gather", out)
-    _all_gather_single(out, moved, group=group)
+    all_gather_single(out, moved, group=group)
     return out.movedim(0, dim)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from trntrain.faults import note
 from trntrain.metrics.flops import kv_dim
-from trntrain.parallel.comm import COMM_STATS, Group
+from trntrain.parallel.comm import COMM_STATS, Group, all_gather_single
 from trntrain.parallel.pipeline_schedule import (
     Action,
     Transfer,
@@ -197,8 +197,7 @@ class AllGatherTransport(Transport):
             out = torch.empty((2, *self.shape), dtype=self.dtype, device=self.device)
             COMM_STATS.record("pp_allgather", out)
             note(f"the pipeline all-gather of stages {pair}")
-            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            gather(out, mine.unsqueeze(0), group=self.groups.pairs[pair])
+            all_gather_single(out, mine.unsqueeze(0), group=self.groups.pairs[pair])
             if recv is not None:
                 # Slots follow the group's rank order: the lower global rank first.
                 peer = recv.src
