@@ -38,6 +38,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
+        self._vote: tuple[dist.Work, torch.Tensor] | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
@@ -50,15 +51,28 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._vote is not None and exc[0] is None:
+            self._vote[0].wait()  # every rank started it: let it finish before teardown
 
     def agreed(self, world: World) -> bool:
-        """True on every rank once any rank was asked to stop (collective when world > 1)."""
+        """True on every rank, at the same call, once any rank was asked to stop.
+
+        The vote is an all-reduce over all ranks started here and read at the next call,
+        so it runs during the next step instead of holding up the loop: the stop comes
+        one step later than the signal's own step.
+        """
         if world.world_size == 1:
             return self.requested
+        stop = False
+        if self._vote is not None:
+            note("all_reduce of the stop request over all ranks")
+            work, flag = self._vote
+            work.wait()
+            stop = bool(flag.item())
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-        note("all_reduce of the stop request over all ranks")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
-        return bool(flag.item())
+        self._vote = None if stop else (
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group(), async_op=True), flag)
+        return stop
 
 
 def _fault() -> tuple[str, int, int] | None:

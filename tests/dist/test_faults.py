@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import tiny_config
 from trntrain.distributed import World
-from trntrain.faults import NonFiniteError
+from trntrain.faults import NonFiniteError, StopRequest
 from trntrain.parallel import comm
 from trntrain.trainer import Trainer
 
@@ -78,3 +78,21 @@ def test_stop_names_the_step_and_keeps_the_last_good_checkpoint(distributed, mon
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_00000002"
     assert not (checkpoints / "step_00000004").exists()
+
+
+def stop_votes(rank: int, world_size: int) -> list[bool]:
+    """Rank 1 is asked to stop during call 3; every rank reports what agreed() says."""
+    votes = []
+    with StopRequest() as stop:
+        for call in range(1, 7):
+            if rank == 1 and call == 3:
+                stop.requested = True
+            votes.append(stop.agreed(World(rank, world_size, rank)))
+            if votes[-1]:
+                break
+    return votes
+
+
+def test_stop_request_is_agreed_by_every_rank_one_call_later(distributed):
+    # The vote started at call 3 (overlapping the next step) is read at call 4.
+    assert distributed(stop_votes, 3) == [[False, False, False, True]] * 3
