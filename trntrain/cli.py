@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -43,15 +44,35 @@ def fail(message: str | None) -> None:
     sys.exit(2)
 
 
+@contextmanager
+def reported(speak: bool = True) -> Iterator[None]:
+    """Bad input, a UserError or a Hydra / OmegaConf error, ends in one `trntrain: error:`
+    line (printed only when `speak`: one rank of several says it) and exit status 2."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except UserError as err:
+        fail(str(err) if speak else None)
+    except (HydraException, OmegaConfBaseException) as err:
+        from trntrain.config.compose_errors import explain
+
+        fail(explain(err) if speak else None)
+
+
 def train_task(cfg: DictConfig) -> None:
     from trntrain.backend import build_backend
+    from trntrain.checkpoint import CHECKPOINTERS
+    from trntrain.checkpoint.manager import checkpoint_dir
     from trntrain.config import validate
     from trntrain.distributed import barrier, destroy_process_group, init_process_group
     from trntrain.run_dir import agree_run_dir, check_run_dir, setup_logging, write_run_dir
     from trntrain.trainer import Trainer
 
     world = world_from_env()
-    try:
+    # Every rank composed the same config: let one of them say what is wrong.
+    with reported(speak=world.is_main):
         validate(cfg, world.world_size)
         if world.is_main:
             from trntrain.plan import fit_warning
@@ -60,15 +81,11 @@ def train_task(cfg: DictConfig) -> None:
             if warning:
                 print(f"trntrain: warning: {warning}", file=sys.stderr, flush=True)
         if cfg.run.dir:
-            ck = cfg.checkpoint
-            resumable = ck.name == "dcp" and ck.resume != "never"
-            checkpoint_dir = Path(ck.dir) if ck.dir else Path(cfg.run.dir) / "checkpoints"
-            check_run_dir(Path(cfg.run.dir), cfg.run.overwrite,
-                          checkpoint_dir if resumable else None)
+            ck, run_dir = cfg.checkpoint, Path(cfg.run.dir)
+            resumable = CHECKPOINTERS[ck.name].resumable and ck.resume != "never"
+            check_run_dir(run_dir, cfg.run.overwrite,
+                          checkpoint_dir(cfg, run_dir) if resumable else None)
         backend = build_backend(cfg.backend, world.local_rank, cfg.train.precision)
-    except UserError as err:
-        # Every rank composed the same config: let one of them say what is wrong.
-        fail(str(err) if world.is_main else None)
     init_process_group(world, cfg.backend.timeout_s, **backend.process_group_kwargs())
     try:
         run_dir = agree_run_dir(cfg, world)
@@ -109,16 +126,10 @@ def models_command(argv: list[str]) -> None:
 
 
 def check_overrides(overrides: list[str]) -> None:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     from trntrain.config import compose
-    from trntrain.config.compose_errors import explain
 
-    try:
+    with reported(speak=world_from_env().is_main):
         compose(overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        fail(explain(err) if world_from_env().is_main else None)
 
 
 def convert_command(argv: list[str]) -> None:
@@ -133,10 +144,7 @@ def convert_command(argv: list[str]) -> None:
     parser.add_argument("dst", type=Path, help="new output directory")
     parser.add_argument("--to", choices=("hf", "dcp"), help="target format (default: the other)")
     args = parser.parse_args(argv)
-    try:
-        target = convert(args.src, args.dst, args.to)
-    except UserError as err:
-        fail(str(err))
+    target = convert(args.src, args.dst, args.to)
     print(f"wrote {target} checkpoint to {args.dst}")
 
 
@@ -165,11 +173,8 @@ def prepare_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     settings = Settings(args.tokenizer, args.eot_token, args.text_key, args.on_bad_line)
-    try:
-        result = prepare(args.inputs, args.output, settings, args.workers,
-                         progress=not args.no_progress)
-    except UserError as err:
-        fail(str(err))
+    result = prepare(args.inputs, args.output, settings, args.workers,
+                     progress=not args.no_progress)
     state = "up to date" if result.up_to_date else (
         f"{result.input_bytes / 1e6:.1f} MB of input in {result.seconds:.1f} s "
         f"({result.input_bytes / 1e6 / max(result.seconds, 1e-9):.1f} MB/s)")
@@ -190,37 +195,30 @@ def report_command(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, help="output directory (default: the run's own, "
                         "or <common parent>/report)")
     args = parser.parse_args(argv)
-    try:
-        out = write_report(args.runs, args.out)
-    except UserError as err:
-        fail(str(err))
-    print((out / "summary.txt").read_text(), end="")
-    print(f"plots and summary in {out}")
+    report = write_report(args.runs, args.out)
+    print(report.summary, end="")
+    print(f"plots and summary in {report.directory}")
 
 
 def launch_command(argv: list[str]) -> None:
     """Print, for every node of the configured cluster, the torchrun command to start."""
     import shlex
 
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from trntrain.config import ConfigError, compose, validate
+    from trntrain.plan.layout import planned_world_size
 
-    from trntrain.config import compose, register_configs, validate
-    from trntrain.config.compose_errors import explain
-
-    register_configs()
     addr = next((a.split("=", 1)[1] for a in argv if a.startswith("--master-addr=")),
                 "$MASTER_ADDR")
     overrides = [a for a in argv if not a.startswith("--")]
-    try:
-        cfg = compose(overrides)
-        procs = cfg.cluster.procs_per_node or 1
-        validate(cfg, cfg.cluster.nodes * procs)
-    except (HydraException, OmegaConfBaseException) as err:
-        fail(explain(err))
-    except UserError as err:
-        fail(str(err))
+    cfg = compose(overrides)
+    world_size = planned_world_size(cfg)  # on cluster=local: the processes the layout asks for
     nodes = cfg.cluster.nodes
+    if world_size % nodes:
+        raise ConfigError("cluster.nodes", nodes, f"a divisor of {world_size}, the processes "
+                          f"the layout asks for, or a cluster with procs_per_node",
+                          f"cluster={cfg.cluster.name} sets no processes per node;")
+    validate(cfg, world_size)
+    procs = world_size // nodes
     for node in range(nodes):
         rendezvous = (["--standalone"] if nodes == 1 else
                       ["--rdzv-backend=c10d", f"--rdzv-endpoint={addr}:29500",
@@ -234,28 +232,18 @@ def launch_command(argv: list[str]) -> None:
 
 def plan_command(argv: list[str]) -> None:
     """Print the memory and step-time plan of the configured layout, or a layout search."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     from trntrain.config import compose
-    from trntrain.config.compose_errors import explain
-    from trntrain.plan import plan, validate_plan_config
+    from trntrain.plan import plan
     from trntrain.plan.report import as_json, table, text
     from trntrain.plan.search import search
 
-    try:
-        cfg = compose(argv)
-        validate_plan_config(cfg)
-        if cfg.plan.search:
-            plans = search(cfg)
-            print(as_json(plans) if cfg.plan.format == "json" else table(plans, cfg, cfg.plan.top))
-        else:
-            result = plan(cfg)
-            print(as_json(result) if cfg.plan.format == "json" else text(result, cfg))
-    except (HydraException, OmegaConfBaseException) as err:
-        fail(explain(err))
-    except UserError as err:
-        fail(str(err))
+    cfg = compose(argv)
+    if cfg.plan.search:
+        plans = search(cfg)
+        print(as_json(plans) if cfg.plan.format == "json" else table(plans, cfg, cfg.plan.top))
+    else:
+        result = plan(cfg)
+        print(as_json(result) if cfg.plan.format == "json" else text(result, cfg))
 
 
 def run_hydra(task: Callable[[DictConfig], None], argv: list[str]) -> None:
@@ -279,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail(f"unknown command {command!r}; valid: {', '.join(COMMANDS)} (see trntrain --help).")
-    COMMANDS[command](rest)
+    with reported():
+        COMMANDS[command](rest)
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {

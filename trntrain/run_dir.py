@@ -20,6 +20,8 @@ from trntrain.errors import UserError
 
 logger = logging.getLogger("trntrain")
 
+METRICS_FILE = "metrics.jsonl"
+
 
 def default_run_dir() -> Path:
     """runs/<timestamp>, or the job's directory inside a Hydra sweep."""
@@ -48,8 +50,10 @@ def check_run_dir(run_dir: Path, overwrite: bool, checkpoint_dir: Path | None = 
     run from one of its checkpoints (`checkpoint_dir`: where a resumable run keeps them)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run.dir={str(run_dir)!r} is a file; valid: a new or empty directory.")
-    metrics = run_dir / "metrics.jsonl"
-    resuming = checkpoint_dir is not None and (checkpoint_dir / "latest").is_file()
+    from trntrain.checkpoint.manager import LATEST
+
+    metrics = run_dir / METRICS_FILE
+    resuming = checkpoint_dir is not None and (checkpoint_dir / LATEST).is_file()
     if metrics.exists() and not overwrite and not resuming:
         raise UserError(
             f"run.dir={str(run_dir)!r} already holds a run ({metrics} exists); valid: a new "
@@ -61,7 +65,7 @@ def write_run_dir(run_dir: Path, cfg: DictConfig, overwrite: bool) -> None:
     """Create the run directory with its config files (call on rank 0 only)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for name in ("metrics.jsonl", "train.log"):
+        for name in (METRICS_FILE, "train.log"):
             (run_dir / name).unlink(missing_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["run"]["dir"] = str(run_dir)

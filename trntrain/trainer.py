@@ -26,7 +26,7 @@ from tqdm import tqdm
 from trntrain.backend import Backend, build_backend
 from trntrain.checkpoint import CHECKPOINTERS
 from trntrain.checkpoint.hf import load_hf_weights
-from trntrain.checkpoint.manager import CheckpointManager, verify_checksums
+from trntrain.checkpoint.manager import CheckpointManager, checkpoint_dir, verify_checksums
 from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World, host_group
@@ -58,6 +58,7 @@ from trntrain.parallel.pipeline import (
 )
 from trntrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 from trntrain.parallel.zero import ShardedOptimizer
+from trntrain.run_dir import METRICS_FILE
 
 logger = logging.getLogger("trntrain")
 
@@ -183,9 +184,8 @@ class Trainer:
         self.save_blocking_s: list[float] = []
         self.checkpoints = None
         if run_dir is not None and cfg.checkpoint.name != "none":
-            directory = (Path(cfg.checkpoint.dir) if cfg.checkpoint.dir
-                         else run_dir / "checkpoints")
-            self.checkpoints = CheckpointManager(directory, cfg.checkpoint.every,
+            self.checkpoints = CheckpointManager(checkpoint_dir(cfg, run_dir),
+                                                 cfg.checkpoint.every,
                                                  cfg.checkpoint.keep, world.is_main)
 
     def build_pipeline(self) -> PipelineRunner:
@@ -434,7 +434,7 @@ class Trainer:
         """Train for train.max_steps; returns the logged records."""
         t = self.cfg.train
         is_main = self.world.is_main
-        jsonl = self.run_dir / "metrics.jsonl" if is_main and self.run_dir is not None else None
+        jsonl = self.run_dir / METRICS_FILE if is_main and self.run_dir is not None else None
         metrics = build_metrics_logger(self.cfg, self.run_dir, is_main, self.max_steps)
         if self.backend.peak_flops() is None:
             logger.info("MFU: not reported, the %s backend has no meaningful peak FLOP/s",

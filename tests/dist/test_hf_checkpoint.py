@@ -13,6 +13,7 @@ from tests.conftest import tiny_config
 from trntrain.checkpoint.convert import convert
 from trntrain.checkpoint.manager import step_dir_name
 from trntrain.distributed import World
+from trntrain.errors import UserError
 from trntrain.parallel import comm
 from trntrain.trainer import Trainer
 
@@ -104,3 +105,44 @@ def test_convert_run_to_hf_and_back(tmp_path):
     for (name, p), q in zip(again.model.named_parameters(), trainer.model.parameters(),
                             strict=True):
         assert torch.equal(p, q), name
+
+
+def test_convert_finds_the_checkpoints_of_a_run_in_its_checkpoint_dir(tmp_path):
+    from trntrain.run_dir import write_run_dir
+
+    cfg = tiny_config("train.max_steps=2", "checkpoint=dcp",
+                      f"checkpoint.dir={tmp_path / 'elsewhere'}")
+    write_run_dir(tmp_path / "run", cfg, overwrite=False)  # config.yaml, as `trntrain train`
+    trainer = Trainer(cfg, World(), run_dir=tmp_path / "run")
+    trainer.fit()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert convert(tmp_path / "run", tmp_path / "hf") == "hf"
+    torch.testing.assert_close(hf_logits(tmp_path / "hf"), full_logits(trainer), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("drop lm_head", "has no tensor 'lm_head.weight' (for output.weight)"),
+    ("wrong config", "model.embed_tokens.weight has shape [264, 128] but the model its "
+                     "config.json describes needs [300, 128]"),
+])
+def test_converting_a_hugging_face_directory_that_does_not_match_is_a_user_error(
+        tmp_path, change, message):
+    """An untied model without its lm_head, or tensors that config.json does not describe:
+    one clear error, not a KeyError nor the embedding used as the output layer."""
+    from safetensors.torch import load_file, save_file
+
+    random_hf_llama(tmp_path / "hf", tied=False)
+    weights = tmp_path / "hf" / "model.safetensors"
+    if change == "drop lm_head":
+        tensors = load_file(weights)
+        del tensors["lm_head.weight"]
+        save_file(tensors, weights, metadata={"format": "pt"})
+    else:
+        config = json.loads((tmp_path / "hf" / "config.json").read_text())
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))
+    with pytest.raises(UserError) as info:
+        convert(tmp_path / "hf", tmp_path / "dcp")
+    assert message in str(info.value) and "valid:" in str(info.value)
+    assert str(tmp_path / "hf") in str(info.value)
+    assert not (tmp_path / "dcp" / ".metadata").exists()

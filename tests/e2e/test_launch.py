@@ -126,3 +126,27 @@ def test_trntrain_launch_prints_each_nodes_command():
     bad = subprocess.run([str(BIN / "trntrain"), "launch", "cluster=trn1_32xlarge",
                           "parallel.tp=3"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "parallel.tp=3 is invalid" in bad.stderr
+
+
+def launch_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from trntrain.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["launch", *args])
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def test_launch_on_local_starts_the_processes_the_layout_asks_for(capsys):
+    """cluster=local sets no processes per node: launch, like plan, starts tp x pp x dp."""
+    code, out, err = launch_cli(capsys, "parallel.tp=2", "parallel.pp=2")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "# node 0 of 1 (local)" and len(lines) == 2
+    assert lines[1].startswith("torchrun --nnodes=1 --nproc-per-node=4 --standalone -m "
+                               "trntrain train parallel.tp=2 parallel.pp=2")
+    code, out, err = launch_cli(capsys, "parallel.tp=3", "cluster.nodes=2")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("trntrain: error: ")
+    assert "cluster.nodes=2 is invalid" in lines[0] and "a divisor of 3" in lines[0]

@@ -84,8 +84,10 @@ def assert_pngs(out_dir: Path) -> None:
 @needs_matplotlib
 def test_one_run_writes_plots_and_summary_into_its_directory(tmp_path):
     run = make_run(tmp_path / "run-a", 0.001)
-    out = write_report([run])
+    report = write_report([run])
+    out = report.directory
     assert out == run.resolve()
+    assert report.summary == (out / "summary.txt").read_text()
     assert_pngs(out)
     rows = summary_rows(out)
     assert list(rows) == ["run-a"]  # one run: labelled by its directory
@@ -103,7 +105,7 @@ def test_one_run_writes_plots_and_summary_into_its_directory(tmp_path):
 def test_sweep_directory_expands_into_jobs_labelled_by_differing_key(tmp_path):
     sweep = make_sweep(tmp_path / "runs" / "sweep-20250101-000000")
     assert expand_run_dirs([sweep]) == [(sweep / "0").resolve(), (sweep / "1").resolve()]
-    out = write_report([sweep])
+    out = write_report([sweep]).directory
     assert out == sweep.resolve() / "report"
     assert_pngs(out)
     rows = summary_rows(out)
@@ -122,10 +124,10 @@ def test_sweep_directory_expands_into_jobs_labelled_by_differing_key(tmp_path):
 @needs_matplotlib
 def test_runs_with_equal_configs_are_labelled_by_directory(tmp_path):
     a, b = make_run(tmp_path / "a", 0.001), make_run(tmp_path / "b", 0.001)
-    out = write_report([a, b], out_dir=tmp_path / "cmp")
+    out = write_report([a, b], out_dir=tmp_path / "cmp").directory
     assert out == tmp_path / "cmp"
     assert list(summary_rows(out)) == ["a", "b"]
-    assert write_report([a, b]) == tmp_path.resolve() / "report"  # the common parent
+    assert write_report([a, b]).directory == tmp_path.resolve() / "report"  # the common parent
 
 
 def test_sweep_jobs_come_in_numeric_order(tmp_path):
@@ -143,7 +145,7 @@ def test_null_values_are_left_out_and_a_null_final_loss_shows_as_nan(tmp_path):
                {"step": 2, "loss": 3.0, "tokens_per_s": 10.0, "mem_host_peak_gib": None},
                {"step": 3, "loss": None, "tokens_per_s": 30.0, "mem_host_peak_gib": 2.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    row = summary_rows(write_report([run]))["diverged"]
+    row = summary_rows(write_report([run]).directory)["diverged"]
     assert (row["loss first"], row["loss final"], row["eval best"]) == ("4.0000", "nan", "-")
     assert (row["tokens/s"], row["host_peak"]) == ("20", "2.000")
     assert_pngs(run)
@@ -183,6 +185,6 @@ def test_missing_matplotlib_says_what_to_install(tmp_path, monkeypatch):
 @needs_matplotlib
 def test_the_same_setting_in_two_sweeps_is_told_apart_by_directory(tmp_path):
     first, second = make_sweep(tmp_path / "sweep-1"), make_sweep(tmp_path / "sweep-2")
-    rows = summary_rows(write_report([first, second]))
+    rows = summary_rows(write_report([first, second]).directory)
     assert list(rows) == ["optim.lr=0.001 (sweep-1/0)", "optim.lr=0.003 (sweep-1/1)",
                           "optim.lr=0.001 (sweep-2/0)", "optim.lr=0.003 (sweep-2/1)"]

@@ -16,8 +16,8 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
 from trntrain.checkpoint.dcp import MODEL_CONFIG, checkpoint_keys
-from trntrain.checkpoint.hf import TOP_LEVEL, _hf_files, to_hf_name, write_hf
-from trntrain.checkpoint.manager import LATEST, verify_checksums, write_checksums
+from trntrain.checkpoint.hf import hf_files, hf_tensor, to_hf_name, write_hf
+from trntrain.checkpoint.manager import LATEST, checkpoint_dir, verify_checksums, write_checksums
 from trntrain.errors import UserError
 
 
@@ -49,9 +49,13 @@ def parameter_shapes(model: DictConfig) -> dict[str, tuple[int, ...]]:
 
 
 def resolve_source(src: Path) -> tuple[str, Path]:
-    """('dcp' | 'hf', directory) of a run directory or checkpoint directory."""
-    if (src / "checkpoints" / LATEST).is_file():
-        src = src / "checkpoints" / (src / "checkpoints" / LATEST).read_text().strip()
+    """('dcp' | 'hf', directory) of a run directory (its latest checkpoint, in the
+    checkpoint.dir of its config.yaml) or of a checkpoint directory."""
+    config = src / "config.yaml"
+    checkpoints = checkpoint_dir(OmegaConf.load(config) if config.is_file() else OmegaConf.create(),
+                                 src)
+    if (checkpoints / LATEST).is_file():
+        src = checkpoints / (checkpoints / LATEST).read_text().strip()
     if (src / ".metadata").is_file():
         return "dcp", src
     if (src / "config.json").is_file():
@@ -72,22 +76,18 @@ def dcp_to_hf(src: Path, dst: Path) -> None:
 
 
 def hf_to_dcp(src: Path, dst: Path) -> None:
-    from safetensors import safe_open
-
     model = model_config_from_hf(json.loads((src / "config.json").read_text()))
-    files = _hf_files(src)
+    files = hf_files(src, f"convert: {src}")
     state: dict[str, torch.Tensor] = {
         "trainer.step": torch.tensor(0, dtype=torch.int64),
         "optim.step": torch.tensor(0.0),
     }
-    for name in parameter_shapes(model):
-        hf_name = to_hf_name(name)
-        if hf_name not in files and name == "output.weight" and model.tie_embeddings:
-            continue
-        if hf_name not in files:
-            hf_name = TOP_LEVEL["tok_embeddings.weight"] if name == "output.weight" else hf_name
-        with safe_open(str(files[hf_name]), framework="pt") as f:
-            state[f"model.{name}"] = f.get_tensor(hf_name)
+    for name, shape in parameter_shapes(model).items():
+        with hf_tensor(files, name, shape, model.tie_embeddings, f"convert: {src}",
+                       "the model its config.json describes",
+                       "a Hugging Face Llama directory whose config.json matches its "
+                       "tensors") as view:
+            state[f"model.{name}"] = view[(slice(None),) * len(shape)]
     dst.mkdir(parents=True, exist_ok=True)
     dcp.save(state, checkpoint_id=str(dst), no_dist=True)
     OmegaConf.save(model, dst / MODEL_CONFIG)

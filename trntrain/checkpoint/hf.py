@@ -11,9 +11,10 @@ cannot resume from it (use dcp).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -96,9 +97,15 @@ def write_hf(directory: Path, tensors_by_file: dict[str, dict[str, torch.Tensor]
     for filename, tensors in tensors_by_file.items():
         save_file(tensors, str(directory / filename), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, filename))
-    if len(tensors_by_file) > 1:
-        (directory / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                  indent=1))
+    write_hf_metadata(directory, weight_map, model, dtype)
+
+
+def write_hf_metadata(directory: Path, weight_map: dict[str, str], model: DictConfig,
+                      dtype: torch.dtype, metadata: dict[str, Any] | None = None) -> None:
+    """config.json, and the index (tensor name -> file) when the tensors span several files."""
+    if len(set(weight_map.values())) > 1:
+        (directory / INDEX).write_text(
+            json.dumps({"metadata": metadata or {}, "weight_map": weight_map}, indent=1))
     (directory / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=1))
 
 
@@ -124,27 +131,25 @@ class HfCheckpointer(Checkpointer):
             for path in sorted(directory.glob("*.safetensors")):
                 with safe_open(str(path), framework="pt") as f:
                     weight_map.update(dict.fromkeys(f.keys(), path.name))
-            if stages > 1:
-                (directory / INDEX).write_text(
-                    json.dumps({"metadata": {"step": step}, "weight_map": weight_map}, indent=1))
-            dtype = trainer.params[0].dtype
-            (directory / "config.json").write_text(
-                json.dumps(hf_config(trainer.cfg.model, dtype), indent=1))
+            write_hf_metadata(directory, weight_map, trainer.cfg.model, trainer.params[0].dtype,
+                              {"step": step})
 
     def load(self, directory: Path, trainer: Trainer) -> int:
         load_hf_weights(directory, trainer.chunks.values(), trainer.cfg.model.tie_embeddings)
         return 0
 
 
-def _hf_files(directory: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file holding it."""
+def hf_files(directory: Path, source: str | None = None) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it; `source` names the directory in
+    errors (default: as checkpoint.init_from)."""
     index = directory / INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: directory / file for name, file in weight_map.items()}
     single = directory / "model.safetensors"
     if not single.is_file():
-        raise UserError(f"checkpoint.init_from={str(directory)!r} holds neither "
+        source = source or f"checkpoint.init_from={str(directory)!r}"
+        raise UserError(f"{source} holds neither "
                         f"model.safetensors nor {INDEX}; valid: a Hugging Face Llama "
                         f"directory with safetensors weights.")
     from safetensors import safe_open
@@ -153,38 +158,46 @@ def _hf_files(directory: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
+@contextmanager
+def hf_tensor(files: dict[str, Path], name: str, shape: Iterable[int], tied: bool,
+              source: str, model: str, fix: str) -> Iterator[Any]:
+    """The lazy safetensors view (index it to read) of the HF tensor that holds trntrain
+    parameter `name`, the embedding for the lm_head of a tied model saved without one.
+    UserError when it is missing or its shape is not `shape`: `source` names the
+    directory, `model` the model it should fit and `fix` what makes the shapes agree."""
+    from safetensors import safe_open
+
+    hf_name = to_hf_name(name)
+    if hf_name not in files and tied and name == "output.weight":
+        hf_name = TOP_LEVEL["tok_embeddings.weight"]
+    if hf_name not in files:
+        raise UserError(f"{source} has no tensor {hf_name!r} (for {name}); valid: a Hugging "
+                        f"Face Llama checkpoint of {model}.")
+    with safe_open(str(files[hf_name]), framework="pt") as f:
+        view = f.get_slice(hf_name)
+        found, expected = list(view.get_shape()), list(shape)
+        if found != expected:
+            raise UserError(f"{files[hf_name]}: {hf_name} has shape {found} but {model} "
+                            f"needs {expected}; valid: {fix}.")
+        yield view
+
+
 @torch.no_grad()
 def load_hf_weights(directory: Path, chunks: Iterable[nn.Module], tied: bool) -> None:
     """Set this rank's parameters (its tp slices) from a Hugging Face directory."""
-    from safetensors import safe_open
-
     if not directory.is_dir():
         raise UserError(f"checkpoint.init_from={str(directory)!r} is not a directory; valid: "
                         f"a Hugging Face Llama directory (config.json, *.safetensors).")
-    files = _hf_files(directory)
+    files = hf_files(directory)
     for chunk in chunks:
         for name, p in chunk.named_parameters(remove_duplicate=False):
-            hf_name = to_hf_name(name)
-            if hf_name not in files and tied and name == "output.weight":
-                hf_name = TOP_LEVEL["tok_embeddings.weight"]
-            if hf_name not in files:
-                raise UserError(f"checkpoint.init_from={str(directory)!r} has no tensor "
-                                f"{hf_name!r} (for {name}); valid: a Hugging Face Llama "
-                                f"checkpoint of the configured model.")
-            with safe_open(str(files[hf_name]), framework="pt") as f:
-                view = f.get_slice(hf_name)
-                full_shape = tuple(view.get_shape())
-                expected = getattr(p, "tp_full_shape", tuple(p.shape))
-                if full_shape != tuple(expected):
-                    raise UserError(
-                        f"{files[hf_name]}: {hf_name} has shape {list(full_shape)} but the "
-                        f"configured model needs {list(expected)}; valid: model.* settings "
-                        f"matching the checkpoint's config.json.")
-                if hasattr(p, "tp_shard"):
-                    dim, start, length = p.tp_shard
-                    index = [slice(None)] * len(full_shape)
-                    index[dim] = slice(start, start + length)
-                    values = view[tuple(index)]
-                else:
-                    values = f.get_tensor(hf_name)
+            full_shape = tuple(getattr(p, "tp_full_shape", p.shape))
+            index = [slice(None)] * len(full_shape)
+            if hasattr(p, "tp_shard"):
+                dim, start, length = p.tp_shard
+                index[dim] = slice(start, start + length)
+            with hf_tensor(files, name, full_shape, tied,
+                           f"checkpoint.init_from={str(directory)!r}", "the configured model",
+                           "model.* settings matching the checkpoint's config.json") as view:
+                values = view[tuple(index)]
             p.copy_(values.to(p.dtype))

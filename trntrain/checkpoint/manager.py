@@ -24,6 +24,7 @@ import zlib
 from pathlib import Path
 
 import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 
 from trntrain.distributed import broadcast_object
 from trntrain.errors import UserError
@@ -32,6 +33,14 @@ logger = logging.getLogger("trntrain")
 
 CHECKSUMS = "checksums.json"
 LATEST = "latest"
+CHECKPOINTS = "checkpoints"  # the default checkpoint.dir, inside the run directory
+
+
+def checkpoint_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    """Where the run in `run_dir` keeps its checkpoints: checkpoint.dir, else
+    <run_dir>/checkpoints (also for a config without a checkpoint section)."""
+    directory = OmegaConf.select(cfg, "checkpoint.dir", default=None)
+    return Path(directory) if directory else Path(run_dir) / CHECKPOINTS
 
 
 def step_dir_name(step: int) -> str:

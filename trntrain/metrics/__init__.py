@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from trntrain.errors import UserError
+from trntrain.run_dir import METRICS_FILE
 
 logger = logging.getLogger("trntrain")
 
@@ -170,7 +171,7 @@ def build_metrics_logger(cfg: DictConfig, run_dir: Path | None, is_main: bool,
         elif run_dir is None:
             continue
         elif name == "jsonl":
-            sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+            sinks.append(JsonlSink(run_dir / METRICS_FILE))
         elif name == "tensorboard":
             sinks.append(TensorBoardSink(run_dir / "tensorboard"))
         elif name == "wandb":

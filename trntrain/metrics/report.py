@@ -13,11 +13,11 @@ import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from trntrain.errors import UserError
+from trntrain.run_dir import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 _VALID_DIR = ("a run directory holding metrics.jsonl (as `trntrain train` writes it), or a "
               "sweep directory whose job directories hold one")
 
@@ -246,8 +246,14 @@ def summarize(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
-    """Plots and summary.txt for the runs (or sweeps) given; returns the directory written.
+class Report(NamedTuple):
+    directory: Path  # where the plots and summary.txt are
+    summary: str  # the text of summary.txt
+
+
+def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Report:
+    """Plots and summary.txt for the runs (or sweeps) given; returns the directory written
+    and the summary.
 
     out_dir defaults to the run directory itself for one run, else `<common parent>/report`.
     """
@@ -259,5 +265,6 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_runs(runs, out_dir)
-    (out_dir / "summary.txt").write_text(summarize(runs), encoding="utf-8")
-    return out_dir
+    summary = summarize(runs)
+    (out_dir / "summary.txt").write_text(summary, encoding="utf-8")
+    return Report(out_dir, summary)
