@@ -53,8 +53,7 @@ from trntrain.parallel.pipeline import (
     PipelineRunner,
     build_transport,
     keep_chunk,
-    layer_costs,
-    partition_layers,
+    partition_model,
 )
 from trntrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 from trntrain.parallel.zero import ShardedOptimizer
@@ -83,9 +82,7 @@ def build_model_chunks(cfg: DictConfig, mesh: Mesh, device: torch.device
     p, v, m = cfg.parallel.pp, cfg.parallel.virtual_pp, cfg.model
     if p == 1:
         v = 1
-    kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
-    costs = layer_costs(m.n_layers, m.dim, kv_dim, m.ffn_hidden_dim, cfg.train.seq_len)
-    bounds = partition_layers(costs, p * v, head_cost=2 * m.dim * m.vocab_size)
+    bounds = partition_model(m, cfg.train.seq_len, p * v)
     chunks = {}
     for local in range(v):
         index = local * p + mesh.pp_rank
@@ -151,12 +148,13 @@ class Trainer:
         self.tp_grad_reducer = GradientReducer(
             [p for p in self.params if getattr(p, "tp_grad_reduce", False)], self.mesh.tp_group,
             bucket_mb, average=False)
-        self.dp_grad_reducer = GradientReducer(self.params, self.mesh.dp_group, bucket_mb,
-                                               average=True)
+        # Data-parallel gradients: reduce-scattered into ZeRO's slices, or all-reduced.
+        self.reduce_dp_gradients = (
+            self.sharded.reduce_gradients if self.sharded is not None else
+            GradientReducer(self.params, self.mesh.dp_group, bucket_mb, average=True).reduce)
         self.tied_grad_reducer = GradientReducer(tied, self.mesh.embedding_group, bucket_mb,
                                                  average=False)
 
-        t = cfg.train
         self.micro_batch_size = micro_batch_size(cfg, world.world_size)
         self.data = build_data_source(cfg)
         # Only the first stage embeds the inputs and only the last scores the labels.
@@ -342,10 +340,7 @@ class Trainer:
         start = time.perf_counter()
         self.tp_grad_reducer.reduce()
         self.tied_grad_reducer.reduce()
-        if self.sharded is not None:
-            self.sharded.reduce_gradients()  # reduce-scatter over dp
-        else:
-            self.dp_grad_reducer.reduce()
+        self.reduce_dp_gradients()
         self.phase_s["grad_sync"] += time.perf_counter() - start
         return mean_loss
 
