@@ -12,11 +12,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from trntrain.distributed import world_from_env
 from trntrain.errors import UserError
+
+if TYPE_CHECKING:
+    from trntrain.run_dir import RunDirLock
 
 USAGE = """usage: trntrain COMMAND [overrides ...]
 
@@ -29,7 +33,8 @@ commands:
            JSONL, text or parquet files into an indexed dataset (PREFIX.bin + PREFIX.idx)
   report   RUN_DIR [RUN_DIR ...]: plots and a summary; several runs or a sweep overlaid
   launch   [--master-addr=HOST] [overrides]: print each node's torchrun command for the
-           configured cluster (a dry run: nothing is started)
+           configured cluster (a dry run: nothing is started); --k8s: the cluster's
+           Kubeflow PyTorchJob manifest instead (launch/k8s/pytorchjob.yaml filled in)
   plan     [overrides]: memory per core, step time, tokens/s and MFU of the layout on the
            configured cluster, without running it; plan.search=true ranks every layout
            that fits; plan.format=json
@@ -63,11 +68,9 @@ def reported(speak: bool = True) -> Iterator[None]:
 
 def train_task(cfg: DictConfig) -> None:
     from trntrain.backend import build_backend
-    from trntrain.checkpoint import CHECKPOINTERS
-    from trntrain.checkpoint.manager import checkpoint_dir
     from trntrain.config import validate
     from trntrain.distributed import barrier, destroy_process_group, init_process_group
-    from trntrain.run_dir import agree_run_dir, check_run_dir, setup_logging, write_run_dir
+    from trntrain.run_dir import agree_run_dir, setup_logging, write_run_dir
     from trntrain.trainer import Trainer
 
     world = world_from_env()
@@ -80,18 +83,23 @@ def train_task(cfg: DictConfig) -> None:
             warning = fit_warning(cfg, world.world_size)
             if warning:
                 print(f"trntrain: warning: {warning}", file=sys.stderr, flush=True)
-        if cfg.run.dir:
-            ck, run_dir = cfg.checkpoint, Path(cfg.run.dir)
-            resumable = CHECKPOINTERS[ck.name].resumable and ck.resume != "never"
-            check_run_dir(run_dir, cfg.run.overwrite,
-                          checkpoint_dir(cfg, run_dir) if resumable else None)
-        backend = build_backend(cfg.backend, world.local_rank, cfg.train.precision)
+        backend = build_backend(cfg.backend, world.local_rank, cfg.train.precision,
+                                cfg.train.master_weights, cfg.parallel.zero1)
+        # A precompile pass (neuron_parallel_compile) writes nothing a later run could
+        # resume from or append to: no run directory at all.
+        keeps_run_dir = not backend.precompiling
+        lock = None
+        if cfg.run.dir and keeps_run_dir:
+            lock = prepare_run_dir(cfg, Path(cfg.run.dir), world.is_main)
     init_process_group(world, cfg.backend.timeout_s, **backend.process_group_kwargs())
     try:
-        run_dir = agree_run_dir(cfg, world)
-        if world.is_main:
-            write_run_dir(run_dir, cfg, cfg.run.overwrite)
-        barrier()  # the directory exists before the other ranks open their log files
+        run_dir = None
+        if keeps_run_dir:
+            run_dir = agree_run_dir(cfg, world)
+            if world.is_main:
+                lock = lock or prepare_run_dir(cfg, run_dir, is_main=True)
+                write_run_dir(run_dir, cfg, cfg.run.overwrite)
+            barrier()  # the directory exists before the other ranks open their log files
         setup_logging(run_dir, world, cfg.logging.level)
         Trainer(cfg, world, run_dir, backend).fit()
     except UserError as err:
@@ -107,6 +115,32 @@ def train_task(cfg: DictConfig) -> None:
         sys.exit(1)
     finally:
         destroy_process_group()
+        if lock is not None:
+            lock.release()
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path, is_main: bool) -> RunDirLock | None:
+    """Before training: the run and checkpoint directories writable and no old run's
+    records mixed in (every rank checks, so that every rank stops alike), and the run
+    directory locked against a second run (rank 0, which holds the lock)."""
+    from trntrain.checkpoint import CHECKPOINTERS
+    from trntrain.checkpoint.manager import checkpoint_dir
+    from trntrain.run_dir import RunDirLock, check_run_dir, ensure_writable
+
+    ensure_writable(run_dir, "run.dir")
+    ck = cfg.checkpoint
+    if ck.name != "none":
+        ensure_writable(checkpoint_dir(cfg, run_dir), "checkpoint.dir" if ck.dir else "run.dir")
+    lock = RunDirLock(run_dir).acquire() if is_main else None
+    try:
+        resumable = CHECKPOINTERS[ck.name].resumable and ck.resume != "never"
+        check_run_dir(run_dir, cfg.run.overwrite,
+                      checkpoint_dir(cfg, run_dir) if resumable else None)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
 
 
 def models_command(argv: list[str]) -> None:
@@ -200,8 +234,56 @@ def report_command(argv: list[str]) -> None:
     print(f"plots and summary in {report.directory}")
 
 
+def kubernetes_manifest(cfg: DictConfig, overrides: list[str]) -> str:
+    """launch/k8s/pytorchjob.yaml for the configured cluster: one pod per node, its
+    cores, EFA interfaces (cluster.efa_devices) and instance type, the overrides."""
+    import yaml
+
+    from trntrain.config import ConfigError, config_dir
+
+    c = cfg.cluster
+    if not str(c.name).startswith("trn") or c.efa_devices is None:
+        raise ConfigError("cluster", c.name, "a Trainium cluster with procs_per_node and "
+                          "efa_devices, e.g. cluster=trn1_32xlarge or cluster=trn1n_32xlarge",
+                          "trntrain launch --k8s requests each node's Neuron devices and EFA "
+                          "interfaces;")
+    template = config_dir().parent / "launch" / "k8s" / "pytorchjob.yaml"
+    if not template.is_file():
+        raise UserError(f"trntrain launch --k8s reads its template {template}, which this "
+                        f"installation lacks; valid: run it from a source checkout.")
+    job = yaml.safe_load(template.read_text())
+    # A Kubernetes name: lower-case letters, digits and dashes.
+    job["metadata"]["name"] = "trntrain-" + "".join(
+        ch if ch.isalnum() else "-" for ch in str(cfg.model.name).lower())
+    spec = job["spec"]
+    spec["elasticPolicy"]["minReplicas"] = spec["elasticPolicy"]["maxReplicas"] = c.nodes
+    replicas = spec["pytorchReplicaSpecs"]
+    pod = replicas["Master"]["template"]["spec"]  # the Worker's template is the same pod
+    if c.nodes > 1:
+        replicas["Worker"]["replicas"] = c.nodes - 1
+    else:
+        del replicas["Worker"]
+    container = pod["containers"][0]
+    if not any(o.startswith("run.dir=") for o in overrides):
+        # Every pod must agree on one directory on the shared file system.
+        overrides = [*overrides, f"run.dir=/fsx/runs/{job['metadata']['name']}"]
+    container["args"] = [f"--nnodes={c.nodes}", f"--nproc-per-node={c.procs_per_node}",
+                         "--max-restarts=3", "-m", "trntrain", "train", *overrides]
+    for variable in container["env"]:
+        if variable["name"] == "NEURON_RT_NUM_CORES":
+            variable["value"] = str(c.procs_per_node)
+    container["resources"]["limits"]["vpc.amazonaws.com/efa"] = c.efa_devices
+    # Cluster names are instance types with the first dot written as an underscore.
+    pod["nodeSelector"]["node.kubernetes.io/instance-type"] = str(c.name).replace("_", ".", 1)
+    header = (f"# trntrain launch --k8s: {c.nodes} x {c.name}, {c.procs_per_node} processes "
+              f"and {c.efa_devices} EFA interfaces per node (cluster.efa_devices).\n"
+              f"# See launch/k8s/pytorchjob.yaml for what each field is for.\n")
+    return header + yaml.safe_dump(job, sort_keys=False, width=100)
+
+
 def launch_command(argv: list[str]) -> None:
-    """Print, for every node of the configured cluster, the torchrun command to start."""
+    """Print, for every node of the configured cluster, the torchrun command to start
+    (with --k8s, the Kubernetes manifest of the job)."""
     import shlex
 
     from trntrain.config import ConfigError, compose, validate
@@ -218,6 +300,9 @@ def launch_command(argv: list[str]) -> None:
                           f"the layout asks for, or a cluster with procs_per_node",
                           f"cluster={cfg.cluster.name} sets no processes per node;")
     validate(cfg, world_size)
+    if "--k8s" in argv:
+        print(kubernetes_manifest(cfg, overrides), end="")
+        return
     procs = world_size // nodes
     for node in range(nodes):
         rendezvous = (["--standalone"] if nodes == 1 else

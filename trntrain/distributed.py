@@ -31,17 +31,20 @@ def world_from_env() -> World:
 
 
 _host_group: dist.ProcessGroup | None = None
+_host_timeout: datetime.timedelta = dist.default_pg_timeout
 
 
 def init_process_group(world: World, timeout_s: float, **kwargs: Any) -> None:
     """The default group over all ranks; kwargs name the backend (Backend.process_group_kwargs).
 
-    A gloo group over the same ranks carries host objects (the run directory, later
-    checkpoint metadata): xla and nccl groups move device tensors only.
+    A gloo group over the same ranks carries everything host-side: barriers, the
+    SIGTERM vote, object exchange, DCP's planning and metadata (xla and nccl groups
+    move device tensors only; xla's barrier does not even wait). It is the only
+    world-sized gloo group a run opens: each one costs a socket to every other rank.
     """
-    global _host_group
+    global _host_group, _host_timeout
     if world.world_size > 1 and not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = _host_timeout = datetime.timedelta(seconds=timeout_s)
         if "init_method" not in kwargs and "TORCHELASTIC_RESTART_COUNT" in os.environ:
             kwargs["store"] = attempt_store(world, timeout)
         dist.init_process_group(rank=world.rank, world_size=world.world_size, timeout=timeout,
@@ -53,6 +56,26 @@ def init_process_group(world: World, timeout_s: float, **kwargs: Any) -> None:
 def host_group() -> dist.ProcessGroup | None:
     """The gloo group for host-side tensors and objects (None: the default group is gloo)."""
     return _host_group
+
+
+def host_copy(group: dist.ProcessGroup | None, axis_groups: list[list[int]]
+              ) -> dist.ProcessGroup | None:
+    """A gloo group over the ranks of `group`, this rank's group of an axis whose groups
+    are `axis_groups`: for host tensors along that axis (the DeviceMesh of DCP's tp
+    shards). `group` itself where it is gloo already, None where it is None.
+
+    Collective: every rank calls it with the same `axis_groups` (all groups of the
+    axis have the same size, so every rank takes the same branch).
+    """
+    if group is None or dist.get_backend(group) == "gloo":
+        return group
+    rank, mine = dist.get_rank(), None
+    for ranks in axis_groups:
+        if len(ranks) > 1:
+            created = dist.new_group(ranks, backend="gloo", timeout=_host_timeout)
+            if rank in ranks:
+                mine = created
+    return mine
 
 
 def attempt_store(world: World, timeout: datetime.timedelta) -> dist.Store:

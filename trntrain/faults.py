@@ -6,7 +6,8 @@ the step to stop after, a checkpoint is written and the process exits with 0.
 
 TRNTRAIN_FAULT=kill:STEP[:RANK] makes rank RANK (default 0) kill itself with
 SIGKILL after optimizer step STEP; kill_during_save:STEP[:RANK] does it while the
-checkpoint of step STEP is half written; nan:STEP[:RANK] makes that rank's loss NaN
+checkpoint of step STEP is half written, kill_after_log:STEP[:RANK] between the
+metrics record of step STEP and its checkpoint; nan:STEP[:RANK] makes that rank's loss NaN
 at step STEP. Only in the first attempt of a torchrun job
 (TORCHELASTIC_RESTART_COUNT unset or 0): the recovery tests use them.
 """
@@ -100,12 +101,13 @@ def with_nan_fault(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def inject_fault(point: str, step: int, world: World) -> None:
-    """Called at `point` ("step" or "save") of step `step`; acts if TRNTRAIN_FAULT says so."""
+    """Called at `point` ("step", "log" or "save") of step `step`; acts if TRNTRAIN_FAULT
+    says so."""
     fault = _fault()
     if fault is None:
         return
     kind, at_step, rank = fault
-    wanted = {"kill": "step", "kill_during_save": "save"}.get(kind)
+    wanted = {"kill": "step", "kill_after_log": "log", "kill_during_save": "save"}.get(kind)
     if wanted == point and step == at_step and world.rank == rank:
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -56,9 +58,68 @@ def check_run_dir(run_dir: Path, overwrite: bool, checkpoint_dir: Path | None = 
     resuming = checkpoint_dir is not None and (checkpoint_dir / LATEST).is_file()
     if metrics.exists() and not overwrite and not resuming:
         raise UserError(
-            f"run.dir={str(run_dir)!r} already holds a run ({metrics} exists); valid: a new "
+            f"run.dir={str(run_dir)!r} already holds a run ({metrics} exists) and no "
+            f"checkpoint to continue it from; valid: a new "
             f"directory, or run.overwrite=true to replace that run's logs."
         )
+
+
+def ensure_writable(directory: Path, key: str) -> None:
+    """Create `directory` and write a file in it now, so that an unwritable path ends the
+    run before it trains rather than at its first save (UserError naming `key`)."""
+    probe = directory / f".trntrain-write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{key}={str(directory)!r} cannot be written: {err.strerror or err}; "
+                        f"valid: a directory this process may create and write (not under a "
+                        f"file, not read-only).") from None
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory, held by rank 0 for the whole run: a second
+    run into the same directory would mix its metrics and checkpoints into this one's.
+
+    It is an flock(2) on `run.lock`, which the kernel releases when the process ends in
+    any way, so a lock left by a dead process is never in the way. Where the file system
+    has no locks (some NFS mounts), the run goes on with a warning."""
+
+    NAME = "run.lock"
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / self.NAME
+        self._file = None
+
+    def acquire(self) -> RunDirLock:
+        import fcntl
+
+        handle = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(
+                f"run.dir={str(self.path.parent)!r} is in use by another run ({holder}); "
+                f"valid: another run.dir, or wait for that run to end.") from None
+        except OSError as err:
+            logger.warning("run.dir %s cannot be locked (%s): a second run started into it "
+                           "would not be refused", self.path.parent, err.strerror or err)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the flock
+            self._file = None
 
 
 def write_run_dir(run_dir: Path, cfg: DictConfig, overwrite: bool) -> None:

@@ -12,7 +12,6 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
 from trntrain.backend import Backend, build_backend
-from trntrain.checkpoint import CHECKPOINTERS
+from trntrain.checkpoint import CHECKPOINTERS, PendingSave
 from trntrain.checkpoint.hf import load_hf_weights
-from trntrain.checkpoint.manager import CheckpointManager, checkpoint_dir, verify_checksums
+from trntrain.checkpoint.manager import (
+    CheckpointManager,
+    checkpoint_dir,
+    save_failed,
+    verify_checksums_agreed,
+)
 from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
-from trntrain.distributed import World, host_group
+from trntrain.distributed import World, host_copy, host_group
 from trntrain.faults import (
     NonFiniteError,
     StopRequest,
@@ -39,7 +44,7 @@ from trntrain.faults import (
     stall_fault,
     with_nan_fault,
 )
-from trntrain.metrics import build_metrics_logger
+from trntrain.metrics import MetricsLogger, build_metrics_logger
 from trntrain.metrics.flops import mfu
 from trntrain.metrics.memory import optimizer_state_bytes, static_memory
 from trntrain.models import build_model, materialize
@@ -89,7 +94,7 @@ def build_model_chunks(cfg: DictConfig, mesh: Mesh, device: torch.device
         with torch.device("meta"):
             model = build_model(m, mesh.tp_group, cfg.parallel.sequence_parallel)
         keep_chunk(model, bounds[index], first=index == 0, last=index == p * v - 1)
-        apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+        apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, device)
         chunks[index] = materialize(model, device, cfg.train.seed)
     return chunks
 
@@ -99,12 +104,18 @@ class Trainer:
                  backend: Backend | None = None) -> None:
         self.cfg = cfg
         self.world = world
-        self.run_dir = run_dir
         self.backend = backend or build_backend(cfg.backend, world.local_rank,
-                                                cfg.train.precision)
+                                                cfg.train.precision, cfg.train.master_weights,
+                                                cfg.parallel.zero1)
+        # Precompiling traces placeholder values: no checkpoint or metrics of them may
+        # be left where a later run would resume from or append to them.
+        self.run_dir = None if self.backend.precompiling else run_dir
+        run_dir = self.run_dir
         dims = ParallelDims(cfg.parallel.tp, cfg.parallel.pp,
                             data_parallel_size(cfg, world.world_size))
-        self.mesh: Mesh = build_mesh(dims, world.rank)
+        self.mesh: Mesh = build_mesh(dims, world.rank, self.backend.group_options)
+        # DCP's DeviceMesh of tp shards: host tensors over gloo (checkpoint/state.py).
+        self.host_tp_group = host_copy(self.mesh.tp_group, dims.group_ranks("tp"))
 
         chunks = build_model_chunks(cfg, self.mesh, self.backend.device)
         if cfg.checkpoint.init_from:
@@ -135,7 +146,9 @@ class Trainer:
         self.sharded = None
         if cfg.parallel.zero1 or (t.precision == "bf16" and t.master_weights):
             self.sharded = ShardedOptimizer(self.params, cfg.optim, self.mesh.dp_group,
-                                            cfg.parallel.bucket_mb)
+                                            cfg.parallel.bucket_mb,
+                                            cfg.parallel.zero1_comm_dtype,
+                                            t.fp32_grad_accumulation)
         if t.precision == "bf16":
             for p in self.params:
                 p.data = p.data.to(torch.bfloat16)
@@ -171,9 +184,7 @@ class Trainer:
         self.max_steps = min(t.max_steps, self.backend.step_limit() or t.max_steps)
         self.pipeline = self.build_pipeline() if dims.pp > 1 else None
         self.checkpointer = CHECKPOINTERS[cfg.checkpoint.name]()
-        self.checkpoint_group = (dist.new_group(backend="gloo")
-                                 if cfg.checkpoint["async"] and dist.is_initialized() else None)
-        self.pending_save: tuple[Future, int] | None = None
+        self.pending_save: tuple[PendingSave, int] | None = None
         self.step = 0  # the optimizer step being taken (1-based)
         self.skipped_steps: list[int] = []
         # Host seconds per phase since the last metrics record (on a lazy backend: the
@@ -200,7 +211,8 @@ class Trainer:
             self.chunks, groups, cfg.parallel.schedule, cfg.parallel.virtual_pp,
             self.train_batches.accumulation_steps,
             build_transport(transport, groups, shape, self.params[0].dtype, self.backend.device),
-            self.loss_fn, lambda: self.backend.autocast(cfg.train.precision))
+            self.loss_fn, lambda: self.backend.autocast(cfg.train.precision),
+            self.backend.cut_graph)
 
     @property
     def model(self) -> nn.Module:
@@ -216,22 +228,32 @@ class Trainer:
         at the next save or at the end of training."""
         start = time.perf_counter()
         self.finish_pending_save()
-        directory = self.checkpoints.begin(step)
-        pending = self.checkpointer.save(directory, self, step)
-        inject_fault("save", step, self.world)
-        if pending is None:
-            self.checkpoints.commit(step)
-        else:
+        try:
+            directory = self.checkpoints.begin(step)
+            pending = self.checkpointer.save(directory, self, step)
+            inject_fault("save", step, self.world)
+            if pending is None:
+                self.checkpoints.commit(step)
+        except (OSError, CheckpointException) as err:
+            self.checkpoints.abandon(step)
+            raise save_failed(step, self.checkpoints.directory, err) from None
+        if pending is not None:
             self.pending_save = (pending, step)
         self.save_blocking_s.append(time.perf_counter() - start)
         self.phase_s["checkpoint"] += self.save_blocking_s[-1]
 
     def finish_pending_save(self) -> None:
+        """Complete and commit the asynchronous save under way, if any (every rank, on
+        the training thread: completing it is collective)."""
         if self.pending_save is not None:
-            future, step = self.pending_save
-            future.result()
+            pending, step = self.pending_save
             self.pending_save = None
-            self.checkpoints.commit(step)
+            try:
+                pending.result()
+                self.checkpoints.commit(step)
+            except (OSError, CheckpointException) as err:
+                self.checkpoints.abandon(step)
+                raise save_failed(step, self.checkpoints.directory, err) from None
 
     def load_checkpoint(self, directory: Path) -> int:
         """Restore model, optimizer and schedule from `directory`; returns its step."""
@@ -247,14 +269,14 @@ class Trainer:
         resume = self.cfg.checkpoint.resume
         if self.checkpoints is None or not self.checkpointer.resumable or resume == "never":
             return 0
+        self.checkpoints.remove_temporary()
         if resume == "auto":
-            directory = self.checkpoints.find_resumable()
+            directory = self.checkpoints.find_resumable(start_over=self.cfg.run.overwrite)
             if directory is None:
                 return 0
         else:
             directory = Path(resume)
-            if self.world.is_main:
-                verify_checksums(directory)
+            verify_checksums_agreed(directory, self.world.is_main)
         step = self.load_checkpoint(directory)
         logger.info("resumed from %s at step %d", directory, step)
         return step
@@ -279,12 +301,12 @@ class Trainer:
             grad_norm = clip_grad_norm_(self.params, max_norm, mesh.tp_group, mesh.pp_group)
         if self.nonfinite_step(mean_loss, grad_norm):
             optimizer.zero_grad(set_to_none=True)  # skipped: weights and state unchanged
-            self.backend.step_boundary()
+            self.backend.cut_graph()
             return mean_loss, grad_norm
         self.backend.optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        self.backend.step_boundary()
+        self.backend.cut_graph()
         self.phase_s["optimizer"] += time.perf_counter() - start
         return mean_loss, grad_norm
 
@@ -293,10 +315,14 @@ class Trainer:
 
         The gradient norm is global (every rank computes the same value after the
         reductions), so all ranks take the same decision. Reading it is a host
-        synchronisation: on a lazy backend it is done at logging steps only.
+        synchronisation: on a lazy backend `stop` is checked at logging steps only,
+        while `skip` must decide before the optimizer step and pays one device read
+        per step (the micro-batch graphs are already cut, so only the norm waits).
         """
         policy = self.cfg.train.nonfinite
-        if policy == "ignore" or self.backend.lazy or torch.isfinite(grad_norm).item():
+        if policy == "ignore" or (self.backend.lazy and policy == "stop"):
+            return False
+        if torch.isfinite(grad_norm).item():
             return False
         bad_ranks = [None] * self.world.world_size
         local = bool(torch.isfinite(loss).item())
@@ -335,6 +361,9 @@ class Trainer:
                     loss = self.loss_fn(self.model(inputs), labels)
                 (loss / accumulation).backward()
                 loss_sum += loss.detach()
+                # One graph per micro-batch, the same for each but the first (which
+                # creates the gradients): its size does not grow with the count.
+                self.backend.cut_graph()
             mean_loss = loss_sum / accumulation
             self.phase_s["forward_backward"] += time.perf_counter() - start
         start = time.perf_counter()
@@ -354,12 +383,12 @@ class Trainer:
         for micro_batches in self.backend.batches(batches):
             if self.pipeline is not None:
                 total += self.pipeline.forward(micro_batches)
-            else:
-                for inputs, labels in micro_batches:
-                    with self.backend.autocast(self.cfg.train.precision):
-                        total += self.loss_fn(self.model(inputs), labels) / len(micro_batches)
-            # One small graph per batch, the same each time, rather than one per evaluation.
-            self.backend.step_boundary()
+                continue
+            for inputs, labels in micro_batches:
+                with self.backend.autocast(self.cfg.train.precision):
+                    total += self.loss_fn(self.model(inputs), labels) / len(micro_batches)
+                # One small graph per micro-batch, the same each time.
+                self.backend.cut_graph()
         for chunk in self.chunks.values():
             chunk.train()
         return self.reduce_loss(total / self.cfg.train.eval_batches)
@@ -384,7 +413,7 @@ class Trainer:
     def log_record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
                    window_steps: int, elapsed: float) -> dict[str, Any]:
         """The metrics of a logging step: the only place values are read from the device."""
-        if self.backend.lazy and self.cfg.train.nonfinite != "ignore" and not math.isfinite(
+        if self.backend.lazy and self.cfg.train.nonfinite == "stop" and not math.isfinite(
                 grad_norm.item()):
             raise NonFiniteError(
                 f"non-finite gradient norm seen at logging step {step} (on a lazy backend "
@@ -430,7 +459,6 @@ class Trainer:
         t = self.cfg.train
         is_main = self.world.is_main
         jsonl = self.run_dir / METRICS_FILE if is_main and self.run_dir is not None else None
-        metrics = build_metrics_logger(self.cfg, self.run_dir, is_main, self.max_steps)
         if self.backend.peak_flops() is None:
             logger.info("MFU: not reported, the %s backend has no meaningful peak FLOP/s",
                         self.backend.name)
@@ -447,8 +475,9 @@ class Trainer:
                    disable=not (is_main and self.cfg.logging.progress_bar), mininterval=1.0)
         records = []
         start = self.resume_step()
-        if start and jsonl is not None:
-            metrics.truncate_after(jsonl, start)
+        if jsonl is not None:
+            MetricsLogger.truncate_after(jsonl, start)
+        metrics = build_metrics_logger(self.cfg, self.run_dir, is_main, self.max_steps)
         bar.update(start)
         steps = self.timed_data(
             self.backend.batches(self.train_batches.steps(start, self.max_steps)))
@@ -464,17 +493,20 @@ class Trainer:
                     bar.update(1)
                     inject_fault("step", step, self.world)
                     stopping = stop.agreed(self.world)
-                    if self.checkpoints is not None and (
-                            stopping or self.checkpoints.should_save(step, self.max_steps)):
-                        self.save_checkpoint(step)
+                    # The record before the checkpoint: a kill between the two then loses
+                    # nothing, the resume truncates the record and writes it again.
                     if self.should_log(step) or stopping:
                         self.backend.synchronize()
                         elapsed = time.perf_counter() - window_start
                         record = self.log_record(step, loss, grad_norm, window_steps, elapsed)
                         bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
                         metrics.log(record)
+                        inject_fault("log", step, self.world)
                         records.append(record)
                         window_start, window_steps = time.perf_counter(), 0
+                    if self.checkpoints is not None and (
+                            stopping or self.checkpoints.should_save(step, self.max_steps)):
+                        self.save_checkpoint(step)
                     if stopping:
                         logger.warning("stopped after step %d on SIGTERM%s", step,
                                        "; resume with the same run.dir"

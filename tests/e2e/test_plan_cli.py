@@ -27,7 +27,9 @@ def test_plan_text_for_llama3_8b_on_32_trn1_nodes(capsys):
     assert code == 0, err
     assert "llama3_8b on 32 x trn1_32xlarge (1024 cores)" in out
     for part in ("parameters", "gradients", "optimizer states", "activations", "total",
-                 "fits in 16 GiB", "tp collectives", "dp gradient sync", "MFU"):
+                 "fits in 14 GiB (16 less 2 reserved)", "attention s x s",
+                 "gradient buckets", "recompute buffer", "tp collectives",
+                 "dp gradient sync", "MFU"):
         assert part in out
 
 
@@ -40,6 +42,9 @@ def test_plan_json_for_llama3_8b_on_32_trn1_nodes(capsys):
             "virtual_pp", "microbatches", "micro_batch_size", "memory_gib", "time_s"} <= set(result)
     assert (result["tp"], result["pp"], result["dp"]) == (8, 1, 128)
     assert result["fits"] is True
+    assert (result["memory_limit_gib"], result["memory_reserved_gib"],
+            result["memory_budget_gib"]) == (16, 2.0, 14.0)
+    assert result["memory_per_core_gib"] <= result["memory_budget_gib"]
     assert result["memory_per_core_gib"] == pytest.approx(sum(result["memory_gib"].values()))
     assert result["step_time_s"] == pytest.approx(sum(result["time_s"].values()))
 
@@ -116,3 +121,4 @@ def test_train_warns_before_launch_when_the_layout_does_not_fit(capsys, monkeypa
     err = capsys.readouterr().err
     assert info.value.code == 3, err
     assert "trntrain: warning: the planner estimates" in err and "plan.search=true" in err
+    assert "leaves 14 GiB of its 16 GiB (cluster.reserved_memory_gib=2" in err

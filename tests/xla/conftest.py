@@ -17,3 +17,9 @@ else:
 
     # The XLA device must exist before any eager backward runs in this process.
     torch_xla.device()
+
+
+def pytest_collection_modifyitems(items):
+    """Forked gloo tests first: a child forked after this process ran an XLA backward
+    inherits autograd's threads and fails, whatever order the files are given in."""
+    items.sort(key=lambda item: "distributed" not in getattr(item, "fixturenames", ()))

@@ -32,8 +32,19 @@ def resolve_backend_name(name: str) -> str:
     return resolved
 
 
-def build_backend(cfg: DictConfig, local_rank: int = 0, precision: str = "fp32") -> Backend:
-    """The backend of the `backend` config group, for the process with this LOCAL_RANK."""
+def default_stochastic_rounding(precision: str, master_weights: bool) -> bool:
+    """Stochastic rounding of bf16 results, when backend.stochastic_rounding is null: on
+    for pure bf16 (bf16 weights updated in bf16, where round-to-nearest loses small
+    updates: AWS's bf16SR), off with fp32 master weights (AWS's mixed_precision mode,
+    which runs without it) and for fp32 and bf16_autocast, whose weights are fp32."""
+    return precision == "bf16" and not master_weights
+
+
+def build_backend(cfg: DictConfig, local_rank: int = 0, precision: str = "fp32",
+                  master_weights: bool = True, zero1: bool = False) -> Backend:
+    """The backend of the `backend` config group, for the process with this LOCAL_RANK;
+    `precision`, `master_weights` (train.*) and `zero1` (parallel.zero1) decide the
+    Neuron environment."""
     name = resolve_backend_name(cfg.name)
     if name == "cpu":
         return CpuBackend(local_rank, cfg)
@@ -47,8 +58,12 @@ def build_backend(cfg: DictConfig, local_rank: int = 0, precision: str = "fp32")
 
     rounding = cfg.stochastic_rounding
     if rounding is None:
-        rounding = precision.startswith("bf16")
-    return NeuronBackend(local_rank, cfg, stochastic_rounding=rounding)
+        rounding = default_stochastic_rounding(precision, master_weights)
+    # The trainer steps flat fp32 slices (ShardedOptimizer) under ZeRO-1 and for bf16
+    # with master weights.
+    sharded = zero1 or (precision == "bf16" and master_weights)
+    return NeuronBackend(local_rank, cfg, stochastic_rounding=rounding, sharded_optimizer=sharded)
 
 
-__all__ = ["Backend", "build_backend", "detect_backend", "resolve_backend_name"]
+__all__ = ["Backend", "build_backend", "default_stochastic_rounding", "detect_backend",
+           "resolve_backend_name"]

@@ -11,7 +11,7 @@ import contextlib
 import resource
 import sys
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
@@ -44,11 +44,22 @@ class Backend:
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
 
-    def step_boundary(self) -> None:
-        """End of one optimizer step: where a lazy backend compiles and runs the graph."""
+    def cut_graph(self) -> None:
+        """Where a lazy backend compiles (once) and runs the graph traced so far: after
+        each micro-batch, each pipeline action and the optimizer step, so that every
+        graph stays small and the same few graphs repeat every step."""
+
+    def group_options(self, axis_groups: list[list[int]]) -> Any:
+        """`pg_options` of `torch.distributed.new_group` for one group of an axis whose
+        groups are `axis_groups` (None: the process-group backend needs nothing)."""
+        return None
 
     def synchronize(self) -> None:
         """Wait for queued device work, so that host timings mean something."""
+
+    # Tracing graphs to compile them ahead (neuron_parallel_compile): outputs are not
+    # real, so nothing of the run may be kept.
+    precompiling: bool = False
 
     def step_limit(self) -> int | None:
         """Stop after this many steps whatever train.max_steps says (graph extraction)."""

@@ -1,10 +1,18 @@
 """torch-xla lazy tensors: the code path of Trainium, run here on XLA:CPU.
 
-Every optimizer step is traced into one graph and cut at `step_boundary`
-(`torch_xla.sync()`); a graph that has not been seen before is compiled, which
-on Neuron takes minutes. The trainer therefore keeps shapes static and reads
-nothing back to the host inside a step; `metrics()` reports the compile count so
-that recompilation in steady state is visible in metrics.jsonl.
+The trainer cuts the traced graph (`cut_graph`, `torch_xla.sync()`) after every
+micro-batch, every pipeline action and the optimizer step, as AWS's trainers do:
+one graph per optimizer step would grow with the micro-batch count (256 for the
+70B preset) in size, compile time and device memory. A graph that has not been
+seen before is compiled, which on Neuron takes minutes, so the trainer keeps
+shapes static and reads nothing back to the host inside a step; `metrics()`
+reports the compile count so that recompilation in steady state is visible in
+metrics.jsonl.
+
+Process groups carry the mesh of their axis (every group of it), as
+neuronx-distributed creates them: torch-xla otherwise writes each group's own
+ranks into the collectives' replica groups, and every tp, dp or pp group would
+compile graphs of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +25,14 @@ import torch
 from omegaconf import DictConfig
 
 from trntrain.backend.base import Backend, host_peak_rss_gib
+
+# neuron_parallel_compile runs the script with this set: tensors are placeholders,
+# the point is to collect every graph the run will need and compile them in parallel.
+EXTRACT_GRAPHS_ENV = "NEURON_EXTRACT_GRAPHS_ONLY"
+
+
+def is_precompile(cfg: DictConfig) -> bool:
+    return bool(cfg.precompile) or os.environ.get(EXTRACT_GRAPHS_ENV, "") not in ("", "0")
 
 
 class XlaBackend(Backend):
@@ -42,6 +58,7 @@ class XlaBackend(Backend):
 
             xr.initialize_cache(cfg.compile_cache_dir, readonly=False)
         self._device = torch_xla.device()
+        self.precompiling = cfg is not None and is_precompile(cfg)
 
     def configure_environment(self) -> None:
         """Set what must be in the environment before torch_xla starts its runtime."""
@@ -63,8 +80,16 @@ class XlaBackend(Backend):
             return torch.autocast("xla", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def step_boundary(self) -> None:
+    def cut_graph(self) -> None:
         self._torch_xla.sync()
+
+    def group_options(self, axis_groups: list[list[int]]) -> dict:
+        # Read by torch_xla.distributed.xla_backend.new_xla_process_group (it replaces
+        # dist.new_group once imported): the replica groups of the axis's collectives.
+        return {"xla_pg_options": {"mesh": axis_groups}}
+
+    def step_limit(self) -> int | None:
+        return self.cfg.precompile_steps if self.precompiling else None
 
     def synchronize(self) -> None:
         import torch_xla.core.xla_model as xm

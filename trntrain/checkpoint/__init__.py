@@ -4,14 +4,21 @@ through the `trntrain.checkpoint` entry point group with a Checkpointer subclass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from trntrain.plugins import Registry
 
 if TYPE_CHECKING:
     from trntrain.trainer import Trainer
+
+
+class PendingSave(Protocol):
+    """An asynchronous save under way (a concurrent.futures.Future will do)."""
+
+    def result(self) -> object:
+        """Wait for the save to be complete. Every rank calls it, from the thread that
+        started the save: completing may take collectives (DCP's metadata)."""
 
 
 class Checkpointer(ABC):
@@ -21,8 +28,8 @@ class Checkpointer(ABC):
     resumable: ClassVar[bool] = True
 
     @abstractmethod
-    def save(self, directory: Path, trainer: Trainer, step: int) -> Future | None:
-        """Write the state; an asynchronous save returns the Future of its completion."""
+    def save(self, directory: Path, trainer: Trainer, step: int) -> PendingSave | None:
+        """Write the state; an asynchronous save returns what completes it."""
 
     @abstractmethod
     def load(self, directory: Path, trainer: Trainer) -> int:
@@ -34,7 +41,7 @@ class NoCheckpointer(Checkpointer):
 
     resumable = False
 
-    def save(self, directory: Path, trainer: Trainer, step: int) -> Future | None:
+    def save(self, directory: Path, trainer: Trainer, step: int) -> PendingSave | None:
         return None
 
     def load(self, directory: Path, trainer: Trainer) -> int:
@@ -55,4 +62,4 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["CHECKPOINTERS", "Checkpointer", "NoCheckpointer"]
+__all__ = ["CHECKPOINTERS", "Checkpointer", "NoCheckpointer", "PendingSave"]

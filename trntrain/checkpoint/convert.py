@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
-from trntrain.checkpoint.dcp import MODEL_CONFIG, checkpoint_keys
+from trntrain.checkpoint.dcp import MODEL_CONFIG, MetadataSafeReader, checkpoint_keys
 from trntrain.checkpoint.hf import hf_files, hf_tensor, to_hf_name, write_hf
 from trntrain.checkpoint.manager import LATEST, checkpoint_dir, verify_checksums, write_checksums
 from trntrain.errors import UserError
@@ -70,13 +70,18 @@ def dcp_to_hf(src: Path, dst: Path) -> None:
     shapes = parameter_shapes(model)
     keys = checkpoint_keys(src)
     state = {f"model.{n}": torch.empty(s) for n, s in shapes.items() if f"model.{n}" in keys}
-    dcp.load(state, checkpoint_id=str(src), no_dist=True)
+    dcp.load(state, storage_reader=MetadataSafeReader(str(src)), no_dist=True)
     tensors = {to_hf_name(k.removeprefix("model.")): v for k, v in state.items()}
     write_hf(dst, {"model.safetensors": tensors}, model, next(iter(tensors.values())).dtype)
 
 
 def hf_to_dcp(src: Path, dst: Path) -> None:
-    model = model_config_from_hf(json.loads((src / "config.json").read_text()))
+    try:
+        model = model_config_from_hf(json.loads((src / "config.json").read_bytes()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"convert: {src / 'config.json'} is not a readable Hugging Face "
+                        f"Llama config; valid: the config.json that transformers writes "
+                        f"beside the weights.") from None
     files = hf_files(src, f"convert: {src}")
     state: dict[str, torch.Tensor] = {
         "trainer.step": torch.tensor(0, dtype=torch.int64),

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
 from trntrain.checkpoint import Checkpointer
+from trntrain.distributed import barrier
 from trntrain.errors import UserError
 from trntrain.parallel.comm import all_gather_dim
 
@@ -122,8 +122,7 @@ class HfCheckpointer(Checkpointer):
                 else f"model-{mesh.pp_rank + 1:05d}-of-{stages:05d}.safetensors")
         if mesh.tp_rank == 0 and mesh.dp_rank == 0:
             save_file(tensors, str(directory / name), metadata={"format": "pt"})
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()  # over gloo: an xla group's barrier returns at once
         if trainer.world.is_main:
             from safetensors import safe_open
 
@@ -144,18 +143,50 @@ def hf_files(directory: Path, source: str | None = None) -> dict[str, Path]:
     errors (default: as checkpoint.init_from)."""
     index = directory / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
+        return index_files(index)
     single = directory / "model.safetensors"
     if not single.is_file():
         source = source or f"checkpoint.init_from={str(directory)!r}"
         raise UserError(f"{source} holds neither "
                         f"model.safetensors nor {INDEX}; valid: a Hugging Face Llama "
                         f"directory with safetensors weights.")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as f:
+    with safetensors_file(single) as f:
         return dict.fromkeys(f.keys(), single)
+
+
+def index_files(index: Path) -> dict[str, Path]:
+    """The weight map of a safetensors index, each file checked to be a .safetensors file
+    beside it (UserError naming the index otherwise)."""
+    damaged = (f"{index} is not a safetensors index; valid: JSON with a 'weight_map' of "
+               f"tensor names to .safetensors files in the same directory")
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise UserError(f"{damaged}.") from None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{damaged}.")
+    files = {}
+    for name, file in weight_map.items():
+        path = index.parent / str(file)
+        if not (isinstance(file, str) and file.endswith(".safetensors")
+                and path.resolve().parent == index.parent.resolve()):
+            raise UserError(f"{damaged}: it names {file!r} for {name!r}.")
+        files[name] = path
+    return files
+
+
+@contextmanager
+def safetensors_file(path: Path) -> Iterator[Any]:
+    """safe_open of `path`; an unreadable, truncated or foreign file (on opening or on
+    reading a tensor inside the block) is one UserError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err}); valid: the "
+                        f"file as a Hugging Face checkpoint holds it, complete.") from None
 
 
 @contextmanager
@@ -165,15 +196,13 @@ def hf_tensor(files: dict[str, Path], name: str, shape: Iterable[int], tied: boo
     parameter `name`, the embedding for the lm_head of a tied model saved without one.
     UserError when it is missing or its shape is not `shape`: `source` names the
     directory, `model` the model it should fit and `fix` what makes the shapes agree."""
-    from safetensors import safe_open
-
     hf_name = to_hf_name(name)
     if hf_name not in files and tied and name == "output.weight":
         hf_name = TOP_LEVEL["tok_embeddings.weight"]
     if hf_name not in files:
         raise UserError(f"{source} has no tensor {hf_name!r} (for {name}); valid: a Hugging "
                         f"Face Llama checkpoint of {model}.")
-    with safe_open(str(files[hf_name]), framework="pt") as f:
+    with safetensors_file(files[hf_name]) as f:
         view = f.get_slice(hf_name)
         found, expected = list(view.get_shape()), list(shape)
         if found != expected:

@@ -23,10 +23,9 @@ import shutil
 import zlib
 from pathlib import Path
 
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from trntrain.distributed import broadcast_object
+from trntrain.distributed import barrier, broadcast_object
 from trntrain.errors import UserError
 
 logger = logging.getLogger("trntrain")
@@ -77,13 +76,47 @@ def write_checksums(directory: Path) -> None:
     _write_durably(directory / CHECKSUMS, json.dumps(sums, indent=1))
 
 
-def verify_checksums(directory: Path) -> None:
-    """Raise UserError naming the first missing, truncated or corrupt file."""
+def read_checksums(directory: Path) -> dict[str, dict[str, int | str]]:
+    """checksums.json of a checkpoint, checked for shape: file name -> crc32 and bytes.
+    A listing that is not that is a damaged checkpoint (UserError)."""
     listing = directory / CHECKSUMS
     if not listing.is_file():
         raise UserError(f"checkpoint {directory} is incomplete: {listing} is missing; valid: a "
                         f"checkpoint directory written completely by trntrain.")
-    for name, expected in json.loads(listing.read_text()).items():
+    damaged = UserError(f"checkpoint {directory} is damaged: {listing} is not a listing of "
+                        f"its files (name -> crc32, bytes) as trntrain writes it.")
+    try:
+        sums = json.loads(listing.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise damaged from None
+    if not isinstance(sums, dict):
+        raise damaged
+    for name, entry in sums.items():
+        inside = (directory / name).resolve().is_relative_to(directory.resolve())
+        if not (inside and isinstance(entry, dict) and isinstance(entry.get("crc32"), str)
+                and isinstance(entry.get("bytes"), int)):
+            raise damaged
+    return sums
+
+
+def verify_listed_file(directory: Path, name: str) -> None:
+    """One file of a checkpoint checked against checksums.json: what every rank does
+    with `.metadata` before unpickling it, whatever rank 0 concluded of the rest."""
+    sums = read_checksums(directory)
+    path, expected = directory / name, sums.get(name)
+    if expected is None:
+        raise UserError(f"checkpoint file {path} is not in {directory / CHECKSUMS}: the "
+                        f"checkpoint is damaged.")
+    if (not path.is_file() or path.stat().st_size != expected["bytes"]
+            or _crc32(path) != expected["crc32"]):
+        raise UserError(f"checkpoint file {path} is missing, truncated or corrupt: it does "
+                        f"not match {directory / CHECKSUMS}.")
+
+
+def verify_checksums(directory: Path) -> None:
+    """Raise UserError naming the first missing, truncated, corrupt or unlisted file."""
+    sums = read_checksums(directory)
+    for name, expected in sums.items():
         path = directory / name
         if not path.is_file():
             raise UserError(f"checkpoint file {path} is missing; the checkpoint is incomplete.")
@@ -92,12 +125,45 @@ def verify_checksums(directory: Path) -> None:
                             f"instead of {expected['bytes']}.")
         if _crc32(path) != expected["crc32"]:
             raise UserError(f"checkpoint file {path} is corrupt: its CRC-32 does not match "
-                            f"{listing}.")
+                            f"{directory / CHECKSUMS}.")
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and name != CHECKSUMS and name not in sums:
+            raise UserError(f"checkpoint file {path} is not in {directory / CHECKSUMS}: the "
+                            f"directory was changed after it was written; valid: a checkpoint "
+                            f"directory as trntrain wrote it.")
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def save_failed(step: int, directory: Path, err: BaseException) -> UserError:
+    """The one-line error of a save that could not be written (a full disk, a path this
+    process may not write), from an OSError or DCP's CheckpointException wrapping one."""
+    cause: BaseException = err
+    failures = getattr(err, "failures", None)  # DCP: rank -> (exception, traceback)
+    if isinstance(failures, dict) and failures:
+        rank, (cause, _) = sorted(failures.items())[0]
+        where = f" on rank {rank}"
+    else:
+        where = ""
+    reason = (f"{cause.strerror} (errno {cause.errno})"
+              if isinstance(cause, OSError) and cause.strerror else str(cause))
+    return UserError(f"the checkpoint of step {step} could not be written into {directory}"
+                     f"{where}: {reason}; the previous checkpoints are intact. Valid: a "
+                     f"checkpoint.dir on a file system with free space that this process may "
+                     f"write.")
+
+
+def verify_checksums_agreed(directory: Path, is_main: bool) -> None:
+    """verify_checksums on rank 0, its verdict raised on every rank alike (a rank that
+    went on alone would read what rank 0 refused)."""
+    problem = None
+    if is_main:
+        try:
+            verify_checksums(directory)
+        except UserError as err:
+            problem = str(err)
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise UserError(problem)
 
 
 class CheckpointManager:
@@ -117,12 +183,12 @@ class CheckpointManager:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         return tmp
 
     def commit(self, step: int) -> Path:
         """After every rank wrote into begin()'s directory: make it the latest checkpoint."""
-        _barrier()
+        barrier()
         final = self.directory / step_dir_name(step)
         if self.is_main:
             tmp = self.directory / f"{step_dir_name(step)}.tmp"
@@ -136,7 +202,7 @@ class CheckpointManager:
             os.replace(pointer, self.directory / LATEST)
             _sync_directory(self.directory)
             self.prune()
-        _barrier()
+        barrier()
         return final
 
     def prune(self) -> None:
@@ -154,17 +220,44 @@ class CheckpointManager:
                       if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
                       and (p / CHECKSUMS).is_file())
 
-    def find_resumable(self) -> Path | None:
-        """The newest checkpoint whose files verify, agreed by all ranks (rank 0 checks)."""
-        chosen = None
+    def abandon(self, step: int) -> None:
+        """Remove what a failed save of `step` wrote (rank 0; best effort)."""
         if self.is_main:
+            shutil.rmtree(self.directory / f"{step_dir_name(step)}.tmp", ignore_errors=True)
+
+    def remove_temporary(self) -> None:
+        """Delete the `.tmp` directories of saves that never completed (rank 0, at start)."""
+        if self.is_main and self.directory.is_dir():
+            for tmp in self.directory.glob("step_*.tmp"):
+                logger.info("removing %s, left by a save that did not complete", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def find_resumable(self, start_over: bool = False) -> Path | None:
+        """The newest checkpoint whose files verify, agreed by all ranks (rank 0 checks).
+
+        None when there is none at all. When there are checkpoints but none verifies,
+        the run would silently begin again from step 0 next to its own history: that is
+        refused (UserError on every rank) unless `start_over` (run.overwrite=true)."""
+        verdict: tuple[str | None, list[str]] = (None, [])
+        if self.is_main:
+            problems = []
             for candidate in reversed(self.complete_checkpoints()):
                 try:
                     verify_checksums(candidate)
                 except UserError as err:
                     logger.warning("%s; trying the previous checkpoint", err)
+                    problems.append(str(err))
                     continue
-                chosen = str(candidate)
+                verdict = (str(candidate), problems)
                 break
-        chosen = broadcast_object(chosen)
+            else:
+                verdict = (None, problems)
+        chosen, problems = broadcast_object(verdict)
+        if chosen is None and problems and not start_over:
+            raise UserError(
+                f"checkpoint.resume=auto found no usable checkpoint in {self.directory}: all "
+                f"{len(problems)} are damaged (newest: {problems[0]}); the run will not "
+                f"start again from step 0 beside its own history. Valid: repair or remove the "
+                f"damaged checkpoints, checkpoint.resume=<a good checkpoint directory>, or "
+                f"run.overwrite=true to start over.")
         return Path(chosen) if chosen else None

@@ -55,6 +55,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # ZeRO-1: optimizer states and fp32 master weights sharded over dp.
     zero1: bool = False
+    # dtype of the sharded optimizer's dp collectives (ZeRO-1, bf16 master weights over
+    # dp): param (the gradients' and parameters' dtype: bf16 on bf16 runs, fp32 gradients
+    # under train.fp32_grad_accumulation) | fp32.
+    zero1_comm_dtype: str = "param"
     # none | full (every transformer block) | selective (the attention core)
     activation_checkpointing: str = "none"
     # Pipeline: model chunks per pp rank (interleaving), the schedule, the micro-batches
@@ -237,12 +241,17 @@ class BackendConfig:
     pjrt_device: str | None = None
     # xla, neuron: persistent compiled-graph cache, ideally on storage all nodes share.
     compile_cache_dir: str | None = None
-    # neuron: neuronx-cc optimisation level (1 is the usual choice for training).
-    neuron_opt_level: int = 1
+    # neuron: neuronx-cc optimisation level (2, the compiler's own default and what AWS's
+    # training recipes run, which pass no -O flag).
+    neuron_opt_level: int = 2
     # neuron: further neuronx-cc flags, appended to NEURON_CC_FLAGS.
     neuron_cc_flags: str = ""
-    # neuron: stochastic rounding of bf16; None: on when train.precision is bf16*.
+    # neuron: stochastic rounding of bf16; None: on only for pure bf16
+    # (train.precision=bf16 with train.master_weights=false).
     stochastic_rounding: bool | None = None
+    # neuron: NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS, graphs the runtime queues ahead
+    # of the host (AWS: 3 for tp runs, 7 for tp x pp runs).
+    async_exec_max_inflight_requests: int = 3
     # neuron: trace this many steps to extract graphs for neuron_parallel_compile and
     # skip real work (also on when neuron_parallel_compile sets
     # NEURON_EXTRACT_GRAPHS_ONLY).
@@ -258,11 +267,18 @@ class ClusterConfig:
     procs_per_node: int | None = None
     # Accelerator memory per process, GiB (None: not a constraint).
     memory_per_core_gib: float | None = None
+    # Of that, what the device runtime keeps per process for itself (compiled code,
+    # scratchpad, DMA rings, collective buffers), GiB: the planner's layouts must fit in
+    # memory_per_core_gib - reserved_memory_gib. Each cluster file gives its source.
+    reserved_memory_gib: float = 0.0
     # Dense BF16 peak of one core (process), FLOP/s.
     peak_flops_per_core: float | None = None
     # Interconnects, for the planner: within a node (NeuronLink) and between nodes (EFA).
     intra_node_gbps: float | None = None
     inter_node_gbps: float | None = None
+    # EFA network interfaces per node, requested by the launchers (Kubernetes'
+    # vpc.amazonaws.com/efa); None: not an EFA instance.
+    efa_devices: int | None = None
 
 
 @dataclass

@@ -64,6 +64,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     """Raise ConfigError for the first value that cannot work with `world_size` processes."""
     try:
         _validate_sections(cfg)
+        _validate_known_keys(cfg)
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         _validate_model(cfg.model)
         _validate_parallel(cfg, world_size)
@@ -94,10 +95,45 @@ def _validate_sections(cfg: DictConfig) -> None:
                 "the section is missing;")
 
 
+def _validate_known_keys(cfg: DictConfig) -> None:
+    """Every key is one of its section's schema: a key added with `+` (Hydra lets `+`
+    add any key, a misspelt one too) would otherwise be silently ignored."""
+    import dataclasses
+
+    from trntrain.config.schema import CHECKPOINT_DEFAULTS, DATA_SCHEMAS, TrntrainConfig
+
+    schemas: dict[str, Any] = {f.name: f.default_factory if f.default_factory
+                               is not dataclasses.MISSING else f.type
+                               for f in dataclasses.fields(TrntrainConfig)}
+    schemas["data"] = DATA_SCHEMAS.get(cfg.data.get("source")) if "source" in cfg.data else None
+    for section in cfg:
+        node = cfg[section]
+        if section == "checkpoint":
+            known = set(CHECKPOINT_DEFAULTS)
+        else:
+            schema = schemas.get(section)
+            if isinstance(schema, str):  # an annotation under `from __future__ import`
+                import trntrain.config.schema as module
+
+                schema = getattr(module, schema.split(" ")[0], None)
+            if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+                continue  # a plugin's data source: its own schema
+            known = {f.name for f in dataclasses.fields(schema)}
+        for key in node:
+            require(key in known, f"{section}.{key}", node[key],
+                    f"one of the keys of {section}: {', '.join(sorted(known))}",
+                    "not a key of the config (added with '+', or misspelt?);")
+
+
+# Largest counts a run can take: sample indices and token offsets stay well inside int64.
+MAX_COUNT = 2**31 - 1
+
+
 def _positive(node: DictConfig, prefix: str, *keys: str) -> None:
     for key in keys:
         value = node[key]
-        require(value > 0, f"{prefix}.{key}", value, "a positive integer")
+        require(0 < value <= MAX_COUNT, f"{prefix}.{key}", value,
+                f"a positive integer up to {MAX_COUNT}")
 
 
 def _validate_model(m: DictConfig) -> None:
@@ -149,6 +185,13 @@ def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
         f"{world_size} were started;",
     )
     require(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "a positive number of MiB")
+    from trntrain.parallel.zero import COMM_DTYPES
+
+    require(p.zero1_comm_dtype in COMM_DTYPES, "parallel.zero1_comm_dtype", p.zero1_comm_dtype,
+            f"one of {COMM_DTYPES}",
+            "the sharded optimizer reduce-scatters gradients and all-gathers weights either "
+            "in the parameters' dtype (param, as torch-xla's and neuronx-distributed's "
+            "ZeRO-1 do) or in fp32;")
     from trntrain.parallel.activation_checkpointing import MODES
 
     require(p.activation_checkpointing in MODES, "parallel.activation_checkpointing",
@@ -186,6 +229,14 @@ def _validate_pipeline(cfg: DictConfig, world_size: int) -> None:
     require(p.schedule in SCHEDULES, "parallel.schedule", p.schedule, f"one of {SCHEDULES}")
     require(p.pp_transport in TRANSPORTS, "parallel.pp_transport", p.pp_transport,
             f"one of {TRANSPORTS}")
+    if p.pp > 1 and p.pp_transport == "isend":
+        from trntrain.backend import detect_backend
+
+        backend = detect_backend() if cfg.backend.name == "auto" else cfg.backend.name
+        require(backend not in ("xla", "neuron"), "parallel.pp_transport", p.pp_transport,
+                f"auto or allgather on backend {backend}",
+                "torch-xla runs every send and receive as a collective_permute of its own "
+                "followed by a graph sync, which serialises the pipeline at each transfer;")
     require(p.microbatches is None or p.microbatches > 0, "parallel.microbatches",
             p.microbatches, "null (derived) or a positive integer")
     if p.microbatches is not None and cfg.train.micro_batch_size is not None:
@@ -217,6 +268,15 @@ def _validate_cluster(cfg: DictConfig) -> None:
     require(c.nodes > 0, "cluster.nodes", c.nodes, "a positive integer")
     require(c.procs_per_node is None or c.procs_per_node > 0, "cluster.procs_per_node",
             c.procs_per_node, "null or a positive integer")
+    limit = c.memory_per_core_gib
+    require(c.reserved_memory_gib >= 0 and (limit is None or c.reserved_memory_gib < limit),
+            "cluster.reserved_memory_gib", c.reserved_memory_gib,
+            f"a size in GiB from 0 up to cluster.memory_per_core_gib={limit} (excluded)",
+            "it is the part of a core's memory the device runtime keeps, which trntrain's "
+            "tensors cannot use;")
+    require(c.efa_devices is None or c.efa_devices > 0, "cluster.efa_devices", c.efa_devices,
+            "null (no EFA) or the EFA interfaces of one node, e.g. 8 on trn1.32xlarge, 16 "
+            "on trn1n.32xlarge")
     if c.procs_per_node is None:
         return
     tp = cfg.parallel.tp
@@ -241,8 +301,9 @@ def validate_topology(cfg: DictConfig, world_size: int) -> None:
 def _validate_train(cfg: DictConfig, world_size: int) -> None:
     t = cfg.train
     _positive(t, "train", "seq_len", "global_batch_size", "max_steps", "eval_batches")
-    require(t.micro_batch_size is None or t.micro_batch_size > 0, "train.micro_batch_size",
-            t.micro_batch_size, "null (global batch / dp) or a positive integer")
+    require(t.micro_batch_size is None or 0 < t.micro_batch_size <= MAX_COUNT,
+            "train.micro_batch_size", t.micro_batch_size,
+            f"null (global batch / dp) or a positive integer up to {MAX_COUNT}")
     require(
         t.seq_len <= cfg.model.max_seq_len, "train.seq_len", t.seq_len,
         f"at most model.max_seq_len={cfg.model.max_seq_len}",
@@ -323,6 +384,9 @@ def _validate_rest(cfg: DictConfig) -> None:
             "1, 2 or 3")
     require(b.precompile_steps > 0, "backend.precompile_steps", b.precompile_steps,
             "a positive integer")
+    require(b.async_exec_max_inflight_requests > 0, "backend.async_exec_max_inflight_requests",
+            b.async_exec_max_inflight_requests,
+            "a positive number of graphs the Neuron runtime may queue (AWS: 3, or 7 with pp)")
     ck = cfg.checkpoint
     require(ck.name in CHECKPOINTERS, "checkpoint.name", ck.name,
             f"one of {sorted(CHECKPOINTERS)}")

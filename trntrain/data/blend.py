@@ -11,6 +11,8 @@ without replaying the ones before it, which is what resuming needs.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -83,9 +85,10 @@ class BlendSource(DataSource):
 
 
 def check_weight(weight: object, field: str) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-        raise UserError(f"{field}={weight!r} is invalid; valid: a positive number (the weights "
-                        f"of data.blend are normalised to sum to 1).")
+    if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0
+            or not math.isfinite(weight)):
+        raise UserError(f"{field}={weight!r} is invalid; valid: a positive finite number (the "
+                        f"weights of data.blend are normalised to sum to 1).")
     return float(weight)
 
 
@@ -128,4 +131,11 @@ def blend_entries(data_cfg: DictConfig) -> list[tuple[float, DictConfig]]:
         if merged.blend:
             raise UserError(f"{field}.blend is set; valid: blends do not nest.")
         out.append((weight, merged))
+    counts = block_layout([w for w, _ in out])[0]
+    for i, count in enumerate(counts):
+        if count == 0:
+            raise UserError(
+                f"data.blend[{i}].weight={out[i][0]!r} is invalid: it is so small against the "
+                f"others that the source gets no sample in a block of {BLOCK}; valid: at "
+                f"least 1/{BLOCK} of the weights' sum ({sum(w for w, _ in out) / BLOCK:.3g}).")
     return out

@@ -4,6 +4,7 @@ wandb and mlflow (offline / local files; extras, never a network call by default
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -55,19 +56,33 @@ class ConsoleSink(Sink):
         logger.info(format_console(record, self.max_steps))
 
 
+def write_failed(path: Path, err: OSError) -> UserError:
+    return UserError(f"writing {path} failed: {err.strerror or err} (errno {err.errno}); "
+                     f"valid: a run directory on a file system with free space that this "
+                     f"process may write.")
+
+
 class JsonlSink(Sink):
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8")
+        except OSError as err:
+            raise write_failed(path, err) from None
 
     def log(self, record):
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise write_failed(self.path, err) from None
 
     def close(self):
-        self._file.close()
+        with contextlib.suppress(OSError):  # a failed write was reported already
+            self._file.close()
 
 
 def _require(module: str, sink: str) -> None:
@@ -146,12 +161,32 @@ class MetricsLogger:
 
     @staticmethod
     def truncate_after(jsonl_path: Path, step: int) -> None:
-        """Drop the records after `step`: a resumed run rewrites them."""
+        """Keep the records up to `step`: a resumed run writes the later ones again, so
+        each step is in the file once. A torn last line (a write cut short by a kill or
+        a full disk) is dropped; any other unreadable line is an error."""
         if not jsonl_path.is_file():
             return
-        kept = [line for line in jsonl_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        jsonl_path.write_text("".join(line + "\n" for line in kept))
+        lines = [line for line in jsonl_path.read_text(errors="replace").splitlines()
+                 if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+                record_step = record["step"]
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines):
+                    logger.warning("%s: dropped its torn last line", jsonl_path)
+                    break
+                raise UserError(f"{jsonl_path} line {number} is not a metrics record; valid: "
+                                f"the file as trntrain writes it (one JSON object with a "
+                                f"'step' per line), or run.overwrite=true to start it "
+                                f"again.") from None
+            if record_step <= step:
+                kept.append(line)
+        try:
+            jsonl_path.write_text("".join(line + "\n" for line in kept))
+        except OSError as err:
+            raise write_failed(jsonl_path, err) from None
 
     def close(self) -> None:
         for sink in self.sinks:

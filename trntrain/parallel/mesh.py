@@ -6,7 +6,9 @@ contiguous ranks (one node's NeuronLink), and pp spans nodes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.distributed as dist
 
@@ -71,15 +73,32 @@ class Mesh:
         return self.dims.coordinates(self.rank)[2]
 
 
-def build_mesh(dims: ParallelDims, rank: int) -> Mesh:
-    """Create the tp, dp and pp groups. Every rank must call this (new_group is collective)."""
+def pair_mesh(dims: ParallelDims, lower: int, upper: int) -> list[list[int]]:
+    """The groups that run collectives alongside the pipeline pair (lower, upper) of
+    stages: that pair at every (dp, tp) coordinate and, when pp is even, every pair
+    starting on a stage of the same parity, so that each rank appears at most once
+    (the send/receive groups of neuronx-distributed)."""
+    starts = [lower]
+    if dims.pp % 2 == 0:
+        starts = range(lower % 2, dims.pp, 2)
+    return [sorted([dims.rank_of(s, d, t), dims.rank_of((s + 1) % dims.pp, d, t)])
+            for s in starts for d in range(dims.dp) for t in range(dims.tp)]
+
+
+def build_mesh(dims: ParallelDims, rank: int,
+               group_options: Callable[[list[list[int]]], Any] = lambda groups: None) -> Mesh:
+    """Create the tp, dp and pp groups. Every rank must call this (new_group is collective).
+
+    `group_options(axis_groups)` gives the `pg_options` of a group whose axis has the
+    groups `axis_groups` (`Backend.group_options`: the mesh on xla)."""
     groups: dict[str, dist.ProcessGroup | None] = {}
     for axis in ("tp", "dp", "pp"):
         mine = None
-        for ranks in dims.group_ranks(axis):
+        axis_groups = dims.group_ranks(axis)
+        for ranks in axis_groups:
             if len(ranks) == 1:
                 continue
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, pg_options=group_options(axis_groups))
             if rank in ranks:
                 mine = group
         groups[axis] = mine
@@ -92,7 +111,12 @@ def build_mesh(dims: ParallelDims, rank: int) -> Mesh:
             for t in range(dims.tp):
                 for a, b in pairs:
                     ranks = [dims.rank_of(a, d, t), dims.rank_of(b, d, t)]
-                    group = dist.new_group(sorted(ranks))
+                    if dims.pp == 2:  # the pair is the pp group: no second group of it
+                        if rank in ranks:
+                            mesh.pp_pairs[(a, b)] = mesh.embedding_group = mesh.pp_group
+                        continue
+                    group = dist.new_group(sorted(ranks),
+                                           pg_options=group_options(pair_mesh(dims, a, b)))
                     if rank in ranks:
                         mesh.pp_pairs[(a, b)] = group
                         if {a, b} == {0, dims.pp - 1}:

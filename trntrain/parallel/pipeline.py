@@ -218,7 +218,8 @@ class PipelineRunner:
     def __init__(self, chunks: dict[int, nn.Module], groups: PipelineGroups, schedule: str,
                  virtual: int, microbatches: int, transport: Transport,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+                 autocast: Callable[[], contextlib.AbstractContextManager],
+                 cut_graph: Callable[[], None] = lambda: None) -> None:
         self.chunks = chunks
         self.groups = groups
         self.last_chunk = groups.stages * virtual - 1
@@ -226,6 +227,9 @@ class PipelineRunner:
         self.transport = transport
         self.loss_fn = loss_fn
         self.autocast = autocast
+        # Called after each tick in which this rank computed or exchanged something: on
+        # XLA one graph per schedule action (as AWS's pipeline engine), not one per step.
+        self.cut_graph = cut_graph
         p, v, m = groups.stages, virtual, microbatches
         self.train_table = timetable([rank_actions(schedule, p, v, m, r) for r in range(p)], p, v)
         self.eval_table = timetable([forward_only_actions(p, v, m, r) for r in range(p)], p, v)
@@ -303,6 +307,8 @@ class PipelineRunner:
                 compute_s += time.perf_counter() - action_start
             for t, arrival in self.transport.exchange(table.transfers[tick], outgoing).items():
                 arrived[(t.kind, t.chunk, t.microbatch)] = arrival
+            if action is not None or any(me in (t.src, t.dst) for t in table.transfers[tick]):
+                self.cut_graph()
         self.transport.finish()
         if backward:
             self.compute_s, self.step_s = compute_s, time.perf_counter() - start

@@ -6,12 +6,26 @@ or tp replica, counted in the norm or a tied duplicate). Each data-parallel rank
 owns a contiguous 1/dp slice of every bucket and keeps, for that slice only, the
 fp32 master weights and AdamW's two moments. A step:
 
-1. reduce-scatter each bucket's gradients over dp (averaged, in fp32): every rank
-   receives the gradient of its slice;
+1. reduce-scatter each bucket's gradients over dp (averaged): every rank receives
+   the gradient of its slice, cast to fp32 for the optimizer;
 2. the global gradient norm from the slices (summed over dp, tp where sharded, pp);
-3. AdamW on the master slices;
+3. AdamW on the fp32 master slices;
 4. all-gather the updated slices over dp and copy them into the (fp32 or bf16)
    parameters.
+
+The collectives move the parameters' dtype by default (`parallel.zero1_comm_dtype=
+param`), as torch-xla's and neuronx-distributed's ZeRO-1 do: on a bf16 run the
+gradients are reduced in bf16 and the weights gathered in bf16 (which loses nothing:
+the parameters are bf16, and rounding before or after the gather gives the same
+bits). Under `train.fp32_grad_accumulation` the gradients are already accumulated in
+fp32 `main_grad` buffers and are reduced in fp32, in the dtype the gradients have (as
+neuronx-distributed does), so that the dp sum keeps the precision the accumulation
+bought. `zero1_comm_dtype=fp32` communicates both in fp32. An fp32 run moves fp32
+either way.
+
+A checkpoint stores each rank's slice as it is, without any gathering
+(`slice_parts` says which elements of which parameter a slice holds: see
+trntrain/checkpoint/state.py).
 
 Without a dp group (dp=1) nothing is sharded and this is plain fp32 master
 weights for bf16 training.
@@ -29,6 +43,9 @@ from trntrain.parallel.comm import Group, all_gather_dim, group_rank, group_size
 from trntrain.parallel.comm import reduce_scatter_dim as reduce_scatter
 from trntrain.parallel.gradients import global_norm, gradient
 
+COMM_DTYPES = ("param", "fp32")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
 
 @dataclass
 class Bucket:
@@ -41,19 +58,42 @@ class Bucket:
     master: torch.Tensor  # this rank's fp32 slice, padded.numel() // dp elements
 
 
+@dataclass(frozen=True)
+class SlicePart:
+    """Elements [start, stop) of `param` (flattened: this rank's tp shard of it) held
+    by this rank's slice of the parameter's bucket, from `offset` in the slice."""
+
+    param: nn.Parameter
+    start: int
+    stop: int
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
 def _category(p: nn.Parameter) -> tuple[bool, bool, bool, torch.dtype]:
     return (p.ndim >= 2, hasattr(p, "tp_shard"), not getattr(p, "pp_duplicate", False),
             p.dtype)
 
 
 class ShardedOptimizer:
-    """AdamW over fp32 master slices of flat parameter buckets, sharded over `dp_group`."""
+    """AdamW over fp32 master slices of flat parameter buckets, sharded over `dp_group`.
+
+    `comm_dtype` ("param" or "fp32") and `fp32_grad_accumulation` decide the dtype
+    of the dp collectives (see the module's docstring)."""
 
     def __init__(self, params: list[nn.Parameter], optim_cfg: DictConfig, dp_group: Group,
-                 bucket_mb: float) -> None:
+                 bucket_mb: float, comm_dtype: str = "param",
+                 fp32_grad_accumulation: bool = False) -> None:
+        if comm_dtype not in COMM_DTYPES:
+            raise ValueError(f"comm_dtype={comm_dtype!r}; valid: one of {COMM_DTYPES}")
         self.dp_group = dp_group
         self.dp = group_size(dp_group)
         self.dp_rank = group_rank(dp_group)
+        self.comm_fp32 = comm_dtype == "fp32"
+        self.fp32_grads = fp32_grad_accumulation
         limit = int(bucket_mb * 2**20) // 4
         self.buckets: list[Bucket] = []
         open_buckets: dict[tuple, list[nn.Parameter]] = {}
@@ -86,17 +126,31 @@ class ShardedOptimizer:
         master = flat.chunk(self.dp)[self.dp_rank].clone()
         self.buckets.append(Bucket(params, decay, tp_sharded, counted, numel, padded, master))
 
+    # The parameters are cast to bf16 after the buckets are built, so the dtypes are
+    # read from them when communicating, not remembered from construction.
+    def grad_comm_dtype(self, b: Bucket) -> torch.dtype:
+        """The dtype the gradients of bucket `b` are reduce-scattered in."""
+        if self.comm_fp32 or self.fp32_grads:
+            return torch.float32
+        return b.params[0].dtype
+
+    def weight_comm_dtype(self, b: Bucket) -> torch.dtype:
+        """The dtype the updated weights of bucket `b` are all-gathered in."""
+        return torch.float32 if self.comm_fp32 else b.params[0].dtype
+
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Each rank's slice of the dp-averaged gradient, in fp32, as its master's .grad."""
+        """Each rank's slice of the dp-averaged gradient, as its (fp32) master's .grad."""
         for b in self.buckets:
-            flat = torch.zeros(b.padded, dtype=torch.float32, device=b.master.device)
-            grads = [gradient(p).reshape(-1).float() if gradient(p) is not None
-                     else torch.zeros(p.numel(), device=b.master.device) for p in b.params]
+            dtype = self.grad_comm_dtype(b)
+            device = b.master.device
+            flat = torch.zeros(b.padded, dtype=dtype, device=device)
+            grads = [g.reshape(-1).to(dtype) if (g := gradient(p)) is not None
+                     else torch.zeros(p.numel(), dtype=dtype, device=device) for p in b.params]
             torch.cat(grads, out=flat[:b.numel])
             if self.dp > 1:
                 flat.div_(self.dp)
-            b.master.grad = reduce_scatter(flat, 0, self.dp_group)
+            b.master.grad = reduce_scatter(flat, 0, self.dp_group).float()
             for p in b.params:
                 p.grad = p.main_grad = None
 
@@ -124,7 +178,7 @@ class ShardedOptimizer:
     def step(self) -> None:
         self.optimizer.step()
         for b in self.buckets:
-            flat = all_gather_dim(b.master, 0, self.dp_group)
+            flat = all_gather_dim(b.master.to(self.weight_comm_dtype(b)), 0, self.dp_group)
             offset = 0
             for p in b.params:
                 p.copy_(flat[offset:offset + p.numel()].view_as(p))
@@ -136,49 +190,44 @@ class ShardedOptimizer:
             for p in b.params:
                 p.grad = p.main_grad = None
 
-    def _slices(self, b: Bucket) -> dict[str, torch.Tensor]:
+    # -- checkpoint state: this rank's slices, never gathered ----------------------------------
+
+    def slice_parts(self, b: Bucket) -> list[SlicePart]:
+        """The parameters (parts of them) this rank's slice of bucket `b` holds, in order."""
+        size = b.padded // self.dp
+        low, high = self.dp_rank * size, (self.dp_rank + 1) * size
+        parts, position = [], 0
+        for p in b.params:
+            start, stop = max(low, position), min(high, position + p.numel())
+            if start < stop:
+                parts.append(SlicePart(p, start - position, stop - position, start - low))
+            position += p.numel()
+        return parts
+
+    @staticmethod
+    def stores_master(b: Bucket) -> bool:
+        """Whether a checkpoint needs the master slice: fp32 weights are the master
+        weights themselves, stored once (as the model's)."""
+        return any(p.dtype != torch.float32 for p in b.params)
+
+    def state_slices(self, b: Bucket) -> dict[str, torch.Tensor]:
+        """This rank's slices of bucket `b` a checkpoint stores (on the device): the
+        moments (zeros before the first step) and, where needed, the master."""
         state = self.optimizer.state.get(b.master, {})
-        out = {"master": b.master}
-        for name in ("exp_avg", "exp_avg_sq"):
+        out = {"master": b.master} if self.stores_master(b) else {}
+        for name in MOMENTS:
             out[name] = state.get(name, torch.zeros_like(b.master))
         return out
 
     @torch.no_grad()
-    def per_parameter_state(self) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
-        """Master weights and moments of every parameter (this rank's tp/pp part of it),
-        gathered over dp: the layout-free form a checkpoint stores."""
-        out: dict[nn.Parameter, dict[str, torch.Tensor]] = {p: {} for b in self.buckets
-                                                            for p in b.params}
-        for b in self.buckets:
-            slices = self._slices(b)
-            if all(p.dtype == torch.float32 for p in b.params):
-                del slices["master"]  # fp32 weights are the master weights: stored once
-            for name, piece in slices.items():
-                flat = all_gather_dim(piece, 0, self.dp_group)
-                offset = 0
-                for p in b.params:
-                    out[p][name] = flat[offset:offset + p.numel()].view(p.shape)
-                    offset += p.numel()
-        return out
-
-    @torch.no_grad()
-    def load_per_parameter_state(self, moments: dict[nn.Parameter, dict[str, torch.Tensor]],
-                                 masters: dict[nn.Parameter, torch.Tensor], step: float) -> None:
-        """Take this rank's slices of per-parameter state (the inverse of the above); a
-        parameter without a saved master starts from its own value."""
-        for b in self.buckets:
-            pieces = {"master": [masters.get(p, p.detach()) for p in b.params]}
-            for name in ("exp_avg", "exp_avg_sq"):
-                pieces[name] = [moments[p][name] for p in b.params]
-            slices = {}
-            for name, tensors in pieces.items():
-                flat = torch.zeros(b.padded, dtype=torch.float32, device=b.master.device)
-                torch.cat([t.reshape(-1).float() for t in tensors], out=flat[:b.numel])
-                slices[name] = flat.chunk(self.dp)[self.dp_rank].clone()
-            b.master.copy_(slices["master"])
+    def load_state_slices(self, slices: list[dict[str, torch.Tensor]], step: float) -> None:
+        """Take each bucket's slices (host tensors: master and moments, in bucket order),
+        as `state_slices` gave them and `slice_parts` lays them out."""
+        for b, loaded in zip(self.buckets, slices, strict=True):
+            b.master.copy_(loaded["master"])
             self.optimizer.state[b.master] = {
                 "step": torch.tensor(step, dtype=torch.float32),
-                "exp_avg": slices["exp_avg"], "exp_avg_sq": slices["exp_avg_sq"],
+                **{name: loaded[name].to(b.master.device) for name in MOMENTS},
             }
 
     def state_bytes(self) -> int:

@@ -25,6 +25,7 @@ class Plan:
     stage: int  # the pipeline rank that needs the most memory
     memory: dict[str, float]  # bytes by part on that rank
     limit_gib: float | None  # cluster.memory_per_core_gib
+    reserved_gib: float  # cluster.reserved_memory_gib: the runtime's, never the trainer's
     in_flight: list[int]  # micro-batches held at the peak, per pipeline rank
     time: dict[str, float] | None  # seconds per step by term; None without cluster figures
     tokens_per_s: float | None = None
@@ -40,10 +41,15 @@ class Plan:
         return sum(self.memory.values()) / GIB
 
     @property
+    def budget_gib(self) -> float | None:
+        """What the trainer's tensors may use of a core: its memory less the reserve."""
+        return None if self.limit_gib is None else self.limit_gib - self.reserved_gib
+
+    @property
     def fits(self) -> bool | None:
-        if self.limit_gib is None:
+        if self.budget_gib is None:
             return None
-        return self.memory_per_core_gib <= self.limit_gib
+        return self.memory_per_core_gib <= self.budget_gib
 
     @property
     def step_time_s(self) -> float | None:
@@ -55,6 +61,8 @@ class Plan:
             "world_size": self.world_size,
             "memory_per_core_gib": self.memory_per_core_gib,
             "memory_limit_gib": self.limit_gib,
+            "memory_reserved_gib": self.reserved_gib,
+            "memory_budget_gib": self.budget_gib,
             "fits": self.fits,
             "step_time_s": self.step_time_s,
             "tokens_per_s": self.tokens_per_s,
@@ -79,7 +87,8 @@ def plan_layout(cfg: DictConfig, layout: Layout) -> Plan:
     params = all_rank_params(cfg.model, layout, cfg.train.seq_len)
     stage, memory = memory_per_core(cfg, layout, params)
     time = step_time(cfg, layout, max(sum(p.numel for p in ps) for ps in params))
-    result = Plan(layout, stage, memory, cfg.cluster.memory_per_core_gib,
+    c = cfg.cluster
+    result = Plan(layout, stage, memory, c.memory_per_core_gib, c.reserved_memory_gib,
                   in_flight_counts(layout), time)
     if time is not None:
         result.tokens_per_s, result.mfu = throughput(cfg, layout, sum(time.values()))
@@ -105,11 +114,14 @@ def fit_warning(cfg: DictConfig, world_size: int) -> str | None:
     result = plan_layout(cfg, layout_from_config(cfg, world_size))
     if result.fits:
         return None
+    c = cfg.cluster
     parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in result.memory.items() if v)
     return (f"the planner estimates {result.memory_per_core_gib:.1f} GiB per core on pipeline "
-            f"stage {result.stage} ({parts} GiB) but cluster={cfg.cluster.name} has "
-            f"{cfg.cluster.memory_per_core_gib:g} GiB: the run will likely fail to allocate; "
-            f"`trntrain plan plan.search=true` with the same overrides lists layouts that fit.")
+            f"stage {result.stage} ({parts} GiB) but cluster={c.name} leaves "
+            f"{result.budget_gib:g} GiB of its {c.memory_per_core_gib:g} GiB "
+            f"(cluster.reserved_memory_gib={c.reserved_memory_gib:g} for the runtime): the run "
+            f"will likely fail to allocate; `trntrain plan plan.search=true` with the same "
+            f"overrides lists layouts that fit.")
 
 
 __all__ = ["ConfigError", "Layout", "Plan", "fit_warning", "plan", "plan_layout",

@@ -29,15 +29,26 @@ trntrain writes it:
   2; Llama has no dropout): 4 e h/t + e a s/t;
 - SwiGLU: w1 x, silu(w1 x), w3 x and their product (w2's input): 4 e f/t.
 Selective checkpointing keeps only the attention core's inputs (q; k, v before their
-repetition) and wo's input; full checkpointing keeps each block's input (e h_n) and
-recomputes one block at a time in backward, whose activations then live as well
-(`recompute`; Megatron's formula omits it). Outside the layers: the embedding's token
-ids, the final norm, the head's input and the loss's fp32 softmax (V/t per token).
-Calibrated against `ActivationMemory` on CPU, see tests/unit/test_plan.py.
+repetition) and wo's input; full checkpointing keeps each block's input (e h_n).
+Outside the layers: the embedding's token ids, the final norm, the head's input and
+the loss's fp32 softmax (V/t per token). Calibrated against `ActivationMemory` on CPU,
+see tests/unit/test_plan.py.
 
 In flight: a pipeline rank holds the activations of every micro-batch it has run
 forward and not yet backward; their peak is found by walking the rank's action list
 of the schedule (`pipeline_schedule.rank_actions`), the same list the trainer runs.
+
+Transient buffers, one layer (or bucket) at a time, on top of the above:
+- recompute: what checkpointing rebuilds for one layer's backward (Megatron's formula
+  omits it): full, the whole block as saved without checkpointing; selective, the
+  core's q, repeated k and v and, unfused, the s x s probabilities;
+- attention s x s (unfused only): the backward of the decomposed softmax(q k^T) v holds
+  the gradients of the probabilities and of the scores, 2 e a s / t per token, besides
+  the saved probabilities (its forward holds one such matrix fewer);
+- gradient buckets: the flat buffers of the gradient reduction after backward
+  (`gradient_sync_bytes`).
+They are counted as live together with the peak of the activations: an upper bound
+(on XLA the reduction runs in the optimizer's graph, after the last micro-batch).
 """
 
 from __future__ import annotations
@@ -137,20 +148,170 @@ def sharded_optimizer(train: DictConfig, layout: Layout) -> bool:
     return layout.zero1 or (train.precision == "bf16" and train.master_weights)
 
 
-def sharded_elements(params: list[Param], dp: int, bucket_mb: float, precision: str) -> int:
-    """Elements of this rank's slices in `ShardedOptimizer`: buckets per category of at
-    most bucket_mb of fp32, each padded to a multiple of dp, 1/dp of each."""
+def optimizer_bucket_params(params: list[Param], bucket_mb: float) -> list[list[int]]:
+    """The elements of each parameter of each flat bucket of `ShardedOptimizer`, in the
+    order it builds them: per category (decay, tp-sharded, counted in the norm), at most
+    bucket_mb of fp32 each, a parameter larger than that alone in its own."""
     limit = int(bucket_mb * 2**20) // 4
-    open_buckets: dict[tuple, int] = {}
-    total = 0
+    open_buckets: dict[tuple, list[int]] = {}
+    closed: list[list[int]] = []
     for p in params:
         key = (p.matrix, p.tp_sharded, p.counted)
-        current = open_buckets.get(key, 0)
-        if current and current + p.numel > limit:
-            total += -(-current // dp)
-            current = 0
-        open_buckets[key] = current + p.numel
-    return total + sum(-(-n // dp) for n in open_buckets.values() if n)
+        current = open_buckets.setdefault(key, [])
+        if current and sum(current) + p.numel > limit:
+            closed.append(current)
+            current = open_buckets[key] = []
+        current.append(p.numel)
+    return closed + [b for b in open_buckets.values() if b]
+
+
+def optimizer_buckets(params: list[Param], bucket_mb: float) -> list[int]:
+    """Elements of each flat bucket of `ShardedOptimizer`."""
+    return [sum(b) for b in optimizer_bucket_params(params, bucket_mb)]
+
+
+def sharded_elements(params: list[Param], dp: int, bucket_mb: float, precision: str) -> int:
+    """Elements of this rank's slices in `ShardedOptimizer`: each bucket padded to a
+    multiple of dp, 1/dp of each."""
+    return sum(-(-n // dp) for n in optimizer_buckets(params, bucket_mb))
+
+
+def reducer_bucket_params(numels: list[int], bucket_mb: float, element_bytes: int
+                          ) -> list[list[int]]:
+    """The parameters' elements of each flat bucket of `GradientReducer`
+    (`gradient_buckets`): the parameters in reverse order, consecutive ones up to
+    bucket_mb of their own dtype."""
+    limit = int(bucket_mb * 2**20)
+    buckets: list[list[int]] = []
+    size = 0
+    for n in reversed(numels):
+        if buckets and size + n * element_bytes <= limit:
+            buckets[-1].append(n)
+            size += n * element_bytes
+        else:
+            buckets.append([n])
+            size = n * element_bytes
+    return buckets
+
+
+def reducer_buckets(numels: list[int], bucket_mb: float, element_bytes: int) -> list[int]:
+    """Elements of each flat bucket of `GradientReducer`."""
+    return [sum(b) for b in reducer_bucket_params(numels, bucket_mb, element_bytes)]
+
+
+def all_reduce_peak(numels: list[int], bucket_mb: float, param_element: int,
+                    grad_element: int) -> float:
+    """Peak above the gradients of `GradientReducer.reduce`: bucket by bucket, the flat
+    concatenation of its gradients, which then replaces them, while the loop variable
+    still holds the previous bucket's last gradient."""
+    peak = previous_last = 0.0
+    for bucket in reducer_bucket_params(numels, bucket_mb, param_element):
+        peak = max(peak, previous_last + grad_element * sum(bucket))
+        previous_last = grad_element * bucket[-1]
+    return peak
+
+
+def gradient_bytes(train: DictConfig) -> int:
+    """Bytes of an accumulated gradient element: fp32 `main_grad` under
+    train.fp32_grad_accumulation, else the parameters' dtype."""
+    return 4 if train.fp32_grad_accumulation else param_bytes(train.precision)
+
+
+def comm_bytes(cfg: DictConfig) -> tuple[int, int]:
+    """Bytes of an element of the sharded optimizer's dp collectives: (gradients'
+    reduce-scatter, weights' all-gather): the parameters' dtype, fp32 gradients under
+    train.fp32_grad_accumulation, both fp32 with parallel.zero1_comm_dtype=fp32."""
+    t = cfg.train
+    fp32 = cfg.parallel.zero1_comm_dtype == "fp32"
+    grads = 4 if fp32 or t.fp32_grad_accumulation else param_bytes(t.precision)
+    return grads, 4 if fp32 else param_bytes(t.precision)
+
+
+def sharded_reduction(cfg: DictConfig, layout: Layout, params: list[Param]
+                      ) -> tuple[float, float]:
+    """(peak, end) above the gradients' bytes of `ShardedOptimizer.reduce_gradients`,
+    replayed bucket by bucket as it runs eagerly (an upper bound of what the XLA
+    compiler keeps live). Bucket i (N elements, P padded, d the dp size, c and g the
+    bytes of a communicated and of an accumulated gradient element):
+    1. `flat`, P c bytes, allocated while the previous bucket's flat (unless it became
+       the kept gradient), its list of gradients (cast copies, or views of the
+       gradients themselves when g = c) and its last gradient (held by the loop
+       variable) are still alive;
+    2. the gradients cast to c (N c; none when g = c), the previous list still alive;
+    3. the reduce-scatter output (P/d c; d=1: the flat buffer itself) and its fp32 cast
+       (none when c = 4), kept as the master slice's gradient (4 P/d) while the
+       bucket's N g bytes of gradients are released.
+    `end`: what the slices' gradients hold beyond the gradients they replaced (positive
+    at dp=1: 4 bytes for 2 of bf16)."""
+    g, (c, _) = gradient_bytes(cfg.train), comm_bytes(cfg)
+    d = layout.dp
+    held = peak = 0.0  # kept slices' gradients less released gradients so far
+    lingering_flat = lingering_list = lingering_last = 0.0
+    for bucket in optimizer_bucket_params(params, cfg.parallel.bucket_mb):
+        n = sum(bucket)
+        padded = -(-n // d) * d
+        flat = c * padded
+        copies = c * n if c != g else 0
+        scattered = c * padded / d if d > 1 else 0
+        kept = 4 * padded / d
+        cast = kept if c != 4 else 0
+        peak = max(peak, held + lingering_flat + lingering_list + lingering_last + flat,
+                   held + lingering_list + flat + copies,
+                   held + flat + copies + scattered + cast)
+        held += kept - g * n
+        # What this bucket leaves alive until the next one rebinds the names.
+        lingering_flat = 0 if (d == 1 and c == 4) else flat
+        lingering_list = copies if c != g else g * n
+        lingering_last = g * bucket[-1] if c != g else 0
+    return peak, held
+
+
+def sharded_step_transient(cfg: DictConfig, layout: Layout, params: list[Param]) -> float:
+    """Peak of the temporaries of `ShardedOptimizer.step`, beyond the slices: AdamW's on
+    one slice (torch's single-tensor AdamW: the new sqrt and quotient of
+    exp_avg_sq while the previous slice's `denom` is held, 3 x 4 P/d), then per bucket
+    the slice cast to the weights' dtype w (P/d w, none for fp32) and the all-gathered
+    weights (P w; d=1: the cast itself), the previous bucket's still held (measured
+    against the trainer on CPU, tests/unit/test_plan.py)."""
+    _, w = comm_bytes(cfg)
+    d = layout.dp
+    slices = [-(-n // d) for n in optimizer_buckets(params, cfg.parallel.bucket_mb)]
+    adam = 3 * 4 * max(slices, default=0)
+    gather = previous = 0.0
+    for size in slices:
+        cast = size * w if w != 4 else 0
+        gathered = size * d * w if d > 1 else 0  # d=1: the gather returns the cast
+        gather = max(gather, previous + cast + gathered)
+        previous = gathered if d > 1 else cast
+    return max(adam, gather)
+
+
+def gradient_sync_bytes(cfg: DictConfig, layout: Layout, params: list[Param]) -> float:
+    """The peak, above the parameters' gradients, of the buffers the gradient reduction
+    and the optimizer step build after backward (`Trainer.forward_backward`: tp, then
+    dp; then the step), one bucket at a time:
+
+    - tp (`GradientReducer` over the tp group: the norms under sequence parallelism and
+      the replicated k/v weights): one flat bucket of gradients, in their dtype, which
+      then replaces them;
+    - dp with the sharded optimizer: `sharded_reduction`, then the step's temporaries
+      (`sharded_step_transient`) on top of what the reduction left;
+    - dp otherwise (`GradientReducer` all-reduce): one flat bucket of gradients.
+    """
+    t, bucket_mb = cfg.train, cfg.parallel.bucket_mb
+    pe, ge = param_bytes(t.precision), gradient_bytes(t)
+    tp_peak = 0.0
+    if layout.tp > 1:
+        replicated = [p.numel for p in params
+                      if not p.tp_sharded and (p.matrix or layout.sequence_parallel)]
+        tp_peak = all_reduce_peak(replicated, bucket_mb, pe, ge)
+    dp_peak = 0.0
+    if sharded_optimizer(t, layout):
+        reduction, end = sharded_reduction(cfg, layout, params)
+        dp_peak = max(reduction, end + sharded_step_transient(cfg, layout, params))
+    elif layout.dp > 1:
+        dp_peak = all_reduce_peak([p.numel for p in params], bucket_mb, pe, ge)
+    return max(tp_peak, dp_peak)
 
 
 def static_bytes(cfg: DictConfig, layout: Layout, params: list[Param]) -> dict[str, int]:
@@ -159,7 +320,7 @@ def static_bytes(cfg: DictConfig, layout: Layout, params: list[Param]) -> dict[s
     t = cfg.train
     numel = sum(p.numel for p in params)
     pe = param_bytes(t.precision)
-    grads = numel * (4 if t.fp32_grad_accumulation else pe)
+    grads = numel * gradient_bytes(t)
     if sharded_optimizer(t, layout):
         slice_numel = sharded_elements(params, layout.dp, cfg.parallel.bucket_mb, t.precision)
         optimizer, master = 8 * slice_numel, 4 * slice_numel
@@ -174,7 +335,8 @@ class ActivationModel:
     """Saved-activation bytes of one micro-batch through one chunk."""
 
     layer: float  # one layer as saved for backward
-    layer_uncheckpointed: float  # one layer without checkpointing (the recompute buffer)
+    recompute: float  # what checkpointing rebuilds of one layer for its backward
+    attention_scores: float  # the s x s buffers of one layer's attention backward
     first: float  # embedding (chunk 0)
     last: float  # final norm, head input, loss (last chunk)
     per_chunk: float  # once per chunk whatever the micro-batches (fp32 rope tables)
@@ -208,17 +370,26 @@ def activation_model(cfg: DictConfig, layout: Layout) -> ActivationModel:
     else:
         core = 4 * e * h / tp + e * a * t.seq_len / tp
     selective_core = e * (h / tp + 2 * kv_local + h / tp)
+    # Decomposed attention's backward holds, besides the saved probabilities, the
+    # gradient of the probabilities and that of the scores (softmax backward): two
+    # s x s matrices per local head (measured on CPU, tests/unit/test_plan.py). Its
+    # forward holds the scores and the probabilities (one matrix fewer), plus one
+    # causal mask shared by the heads.
+    scores = 0.0 if fused_attention(cfg) else 2 * e * a * t.seq_len / tp
     # bf16: each rotary application casts its cos and sin tables to bf16 (q and k);
     # fp32: the tables themselves, once per chunk.
     rope = 4 * e * head_dim if e != 4 else 0
     full_layer = 2 * norm + inputs + core + mlp + rope
     mode = layout.activation_checkpointing
     if mode == "full":
-        layer = e * h_n
+        # The block's input; its backward first recomputes the whole block.
+        layer, recompute = e * h_n, full_layer
     elif mode == "selective":
-        layer = 2 * norm + inputs + selective_core + mlp + rope
+        # The core's inputs and wo's input; its backward first recomputes the core:
+        # q, k and v as the core uses them (repeated) and the probabilities.
+        layer, recompute = 2 * norm + inputs + selective_core + mlp + rope, core - e * h / tp
     else:
-        layer = full_layer
+        layer, recompute = full_layer, 0.0
     v_local = m.vocab_size / tp
     # Embedding: token ids (int64), under tp also the shifted ids and an out-of-range mask.
     first = 8 + (9 if tp > 1 else 0)
@@ -226,7 +397,7 @@ def activation_model(cfg: DictConfig, layout: Layout) -> ActivationModel:
     # (under tp also local ids and a mask).
     last = norm + e * h + 4 * v_local + 8 + (9 if tp > 1 else 0)
     per_chunk = 2 * m.max_seq_len * head_dim * 4 if e == 4 else 0
-    return ActivationModel(layer * tokens, full_layer * tokens if mode == "full" else 0.0,
+    return ActivationModel(layer * tokens, recompute * tokens, scores * tokens,
                            first * tokens, last * tokens, per_chunk)
 
 
@@ -270,7 +441,11 @@ def stage_memory(cfg: DictConfig, layout: Layout, rank: int,
     out["activations"] = (peak_in_flight(layout.schedule, layout.pp, layout.virtual_pp,
                                          layout.microbatches, rank, weights)
                           + act.per_chunk * len(weights))
-    out["recompute"] = act.layer_uncheckpointed
+    # One layer at a time is recomputed and differentiated: at most one of each, on
+    # top of the micro-batches in flight.
+    out["recompute"] = act.recompute
+    out["attention_scores"] = act.attention_scores
+    out["gradient_sync"] = gradient_sync_bytes(cfg, layout, params)
     return out
 
 

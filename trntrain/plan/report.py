@@ -11,7 +11,8 @@ from trntrain.plan.memory import GIB
 
 PARTS = {"params": "parameters", "grads": "gradients", "optimizer_states": "optimizer states",
          "master_weights": "master weights", "activations": "activations",
-         "recompute": "recompute buffer"}
+         "recompute": "recompute buffer", "attention_scores": "attention s x s",
+         "gradient_sync": "gradient buckets"}
 TERMS = {"compute": "compute", "tp_comm": "tp collectives", "pp_p2p": "pipeline transfers",
          "pp_bubble": "pipeline bubble", "dp_comm": "dp gradient sync"}
 
@@ -47,8 +48,9 @@ def text(plan: Plan, cfg: DictConfig) -> str:
     if plan.limit_gib is None:
         verdict = "no limit set (cluster.memory_per_core_gib)"
     else:
-        verdict = (f"fits in {plan.limit_gib:g} GiB" if plan.fits
-                   else f"DOES NOT FIT in {plan.limit_gib:g} GiB")
+        budget = (f"{plan.budget_gib:g} GiB ({plan.limit_gib:g} less "
+                  f"{plan.reserved_gib:g} reserved)")
+        verdict = f"fits in {budget}" if plan.fits else f"DOES NOT FIT in {budget}"
     lines.append(f"  {'total':<22}{total:>9.2f} GiB   {verdict}")
     if plan.layout.pp > 1:
         lines.append(f"  micro-batches in flight per stage: {plan.in_flight}")

@@ -4,10 +4,12 @@ trainer issues its collectives in line with compute), so the estimate is an uppe
 bound of what the layout can do at the given compute efficiency.
 
 - compute: hardware FLOPs of the busiest pipeline rank / (peak x plan.compute_efficiency).
-  Model FLOPs per token are 6 N + 12 L H Q T (`trntrain.metrics.flops`); activation
-  checkpointing adds a forward of what it recomputes (full: the layers, 2 N_layers +
-  4 L H Q T; selective: the attention core, 4 L H Q T), which costs time but is not
-  counted in MFU, as Megatron's and PaLM's MFU do not count it;
+  Model FLOPs per token are 6 N + 12 L H Q T (`trntrain.metrics.flops`), of which a tp
+  rank runs its shard: 1/t, except k and v, which every rank computes whole when t
+  exceeds the kv heads (`ReplicatedKVLinear`); activation checkpointing adds a forward
+  of what it recomputes (full: the layers, 2 N_layers + 4 L H Q T; selective: the
+  attention core, 4 L H Q T), which costs time but is not counted in MFU, as
+  Megatron's and PaLM's MFU do not count it;
 - tp: per layer and micro-batch, Megatron's two all-reduces forward and two backward of
   the (b, s, h) activation (with sequence parallelism, all-gathers and reduce-scatters
   moving the same bytes), plus the embedding's forward and the head's backward one.
@@ -16,8 +18,10 @@ bound of what the layout can do at the given compute efficiency.
   (b s h e bytes, / t under sequence parallelism), and the pipeline idles for
   (p - 1) / v micro-batch times (Megatron's bubble, Narayanan et al. 2021: a fraction
   (p - 1) / (v m) of the ideal time);
-- dp: sharded optimizer (ZeRO-1, bf16 master weights): reduce-scatter of the fp32
-  gradients and all-gather of the fp32 master slices, (d - 1) / d x B / bandwidth each;
+- dp: sharded optimizer (ZeRO-1, bf16 master weights): reduce-scatter of the gradients
+  and all-gather of the weights, (d - 1) / d x B / bandwidth each, in the parameters'
+  dtype (fp32 gradients under train.fp32_grad_accumulation; both fp32 with
+  parallel.zero1_comm_dtype=fp32);
   otherwise a ring all-reduce of the gradients in their dtype.
 
 Bandwidth of a group: `cluster.intra_node_gbps` per core when it sits in one node.
@@ -36,6 +40,7 @@ from trntrain.plan.layout import Layout
 from trntrain.plan.memory import (
     activation_bytes,
     chunk_layers,
+    layer_params,
     param_bytes,
     rank_chunks,
     sharded_optimizer,
@@ -49,12 +54,21 @@ def layer_forward_flops(model: DictConfig, seq_len: int) -> float:
     return layer_costs(1, model.dim, kv_dim(model), model.ffn_hidden_dim, seq_len)[0]
 
 
-def recompute_flops(model: DictConfig, seq_len: int, mode: str) -> float:
-    """Extra forward FLOPs per token and layer that checkpointing recomputes."""
+def rank_layer_forward_flops(model: DictConfig, seq_len: int, tp: int) -> float:
+    """Forward FLOPs per token of one layer on one tp rank: 2 x the rank's matmul
+    elements (q, o and the MLP split over tp; k and v split too, or whole on every rank
+    when tp exceeds the kv heads) plus its heads' share of the attention core. Equals
+    layer_forward_flops / tp when tp divides the kv heads."""
+    matmuls = sum(p.numel for p in layer_params(model, tp) if p.matrix)
+    return 2 * matmuls + 4 * model.dim * seq_len / tp
+
+
+def recompute_flops(model: DictConfig, seq_len: int, mode: str, tp: int = 1) -> float:
+    """Extra forward FLOPs per token and layer that checkpointing recomputes on a tp rank."""
     if mode == "full":
-        return layer_forward_flops(model, seq_len)
+        return rank_layer_forward_flops(model, seq_len, tp)
     if mode == "selective":
-        return 4 * model.dim * seq_len
+        return 4 * model.dim * seq_len / tp
     return 0.0
 
 
@@ -84,8 +98,9 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
     tokens = b * s  # per micro-batch
     e = activation_bytes(t.precision)
     mode = layout.activation_checkpointing
-    per_layer = 3 * layer_forward_flops(m, s) + recompute_flops(m, s, mode)
-    head = 6 * m.dim * m.vocab_size
+    tp = layout.tp
+    per_layer = 3 * rank_layer_forward_flops(m, s, tp) + recompute_flops(m, s, mode, tp)
+    head = 6 * m.dim * m.vocab_size / tp
     sizes = chunk_layers(m, s, layout.chunks)
     last = layout.chunks - 1
     held = rank_chunks(layout)
@@ -97,7 +112,7 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
         return sum(sizes[i] * per_layer + (head if i == last else 0) for i in held[r])
 
     busiest = max(range(layout.pp), key=rank_flops)
-    compute = tokens * rank_flops(busiest) / layout.tp / speed
+    compute = tokens * rank_flops(busiest) / speed
 
     tp_comm = 0.0
     if layout.tp > 1:
@@ -122,7 +137,10 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
         ranks = [dims.rank_of(0, i, 0) for i in range(layout.dp)]
         bw = group_bandwidth(cfg, ranks)
         if sharded_optimizer(t, layout):
-            dp_comm = 2 * (layout.dp - 1) / layout.dp * 4 * params_per_rank / bw
+            fp32 = cfg.parallel.zero1_comm_dtype == "fp32"
+            grads = 4 if fp32 or t.fp32_grad_accumulation else param_bytes(t.precision)
+            weights = 4 if fp32 else param_bytes(t.precision)
+            dp_comm = (layout.dp - 1) / layout.dp * (grads + weights) * params_per_rank / bw
         else:
             dp_comm = (2 * (layout.dp - 1) / layout.dp * param_bytes(t.precision)
                        * params_per_rank / bw)
