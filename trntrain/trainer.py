@@ -47,7 +47,7 @@ from trntrain.faults import (
 from trntrain.metrics import MetricsLogger, build_metrics_logger
 from trntrain.metrics.flops import mfu
 from trntrain.metrics.memory import optimizer_state_bytes, static_memory
-from trntrain.models import build_model, materialize
+from trntrain.models import build_model, family_of, materialize, partition_model
 from trntrain.optim import build_lr_scheduler, build_optimizer, lr_factor
 from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh, clip_grad_norm_
 from trntrain.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -57,8 +57,6 @@ from trntrain.parallel.pipeline import (
     PipelineGroups,
     PipelineRunner,
     build_transport,
-    keep_chunk,
-    partition_model,
 )
 from trntrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 from trntrain.parallel.zero import ShardedOptimizer
@@ -93,7 +91,8 @@ def build_model_chunks(cfg: DictConfig, mesh: Mesh, device: torch.device
         index = local * p + mesh.pp_rank
         with torch.device("meta"):
             model = build_model(m, mesh.tp_group, cfg.parallel.sequence_parallel)
-        keep_chunk(model, bounds[index], first=index == 0, last=index == p * v - 1)
+        family_of(m).keep_chunk(model, bounds[index], first=index == 0,
+                                last=index == p * v - 1)
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, device)
         chunks[index] = materialize(model, device, cfg.train.seed)
     return chunks
@@ -119,8 +118,7 @@ class Trainer:
 
         chunks = build_model_chunks(cfg, self.mesh, self.backend.device)
         if cfg.checkpoint.init_from:
-            load_hf_weights(Path(cfg.checkpoint.init_from), chunks.values(),
-                            cfg.model.tie_embeddings)
+            load_hf_weights(Path(cfg.checkpoint.init_from), chunks.values(), cfg.model)
         self.chunks = {i: self.backend.prepare_model(c) for i, c in chunks.items()}
         last = self.chunks.get(dims.pp * max(cfg.parallel.virtual_pp, 1) - 1
                                if dims.pp > 1 else 0)

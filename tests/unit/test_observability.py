@@ -12,8 +12,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import tiny_config
 from trntrain.config import ConfigError, validate
 from trntrain.distributed import World
-from trntrain.metrics.flops import flops_per_token, matmul_parameters, mfu
+from trntrain.metrics.flops import flops_per_token, mfu
 from trntrain.models import build_model, count_parameters
+from trntrain.models.llama.costs import matmul_parameters
 from trntrain.run_dir import setup_logging
 from trntrain.trainer import Trainer
 

@@ -14,10 +14,9 @@ from torch.utils._pytree import tree_leaves
 from tests.conftest import run_distributed, tiny_config
 from trntrain.config import ConfigError, compose, config_dir, validate
 from trntrain.distributed import World
-from trntrain.metrics.flops import flops_per_token, kv_dim
+from trntrain.metrics.flops import flops_per_token
 from trntrain.metrics.memory import ActivationMemory
-from trntrain.models import build_model, count_parameters
-from trntrain.parallel.pipeline import partition_model
+from trntrain.models import build_model, count_parameters, kv_dim, partition_model
 from trntrain.plan import fit_warning, plan, plan_layout
 from trntrain.plan.layout import Layout, layout_from_config
 from trntrain.plan.memory import (

@@ -16,28 +16,22 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
 from trntrain.checkpoint.dcp import MODEL_CONFIG, MetadataSafeReader, checkpoint_keys
-from trntrain.checkpoint.hf import hf_files, hf_tensor, to_hf_name, write_hf
+from trntrain.checkpoint.hf import hf_files, hf_tensor, write_hf
 from trntrain.checkpoint.manager import LATEST, checkpoint_dir, verify_checksums, write_checksums
 from trntrain.errors import UserError
+from trntrain.models import MODEL_FAMILIES, family_for_hf, family_of
 
 
 def model_config_from_hf(config: dict) -> DictConfig:
-    scaling = config.get("rope_scaling")
-    theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))
-    return OmegaConf.create({
-        "name": config.get("_name_or_path") or "hf_llama", "family": "llama",
-        "dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
-        "n_heads": config["num_attention_heads"],
-        "n_kv_heads": config.get("num_key_value_heads"), "vocab_size": config["vocab_size"],
-        "ffn_hidden_dim": config["intermediate_size"], "norm_eps": config["rms_norm_eps"],
-        "rope_theta": theta or 10000.0,
-        "rope_scaling": None if not scaling or scaling.get("rope_type") != "llama3" else {
-            k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                    "original_max_position_embeddings")},
-        "max_seq_len": config.get("max_position_embeddings", 4096),
-        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "init_std": 0.02,
-    })
+    """The model config of a Hugging Face config.json, through the family that reads its
+    `model_type` (KeyError: a key it lacks)."""
+    model_type = config.get("model_type", "llama")
+    family = family_for_hf(model_type)
+    if family is None:
+        raise UserError(f"convert: config.json has model_type={model_type!r}, which no model "
+                        f"family reads; valid: one of "
+                        f"{sorted(t for f in MODEL_FAMILIES.values() for t in f.hf.model_types)}.")
+    return family.hf.model_config(config)
 
 
 def parameter_shapes(model: DictConfig) -> dict[str, tuple[int, ...]]:
@@ -71,6 +65,7 @@ def dcp_to_hf(src: Path, dst: Path) -> None:
     keys = checkpoint_keys(src)
     state = {f"model.{n}": torch.empty(s) for n, s in shapes.items() if f"model.{n}" in keys}
     dcp.load(state, storage_reader=MetadataSafeReader(str(src)), no_dist=True)
+    to_hf_name = family_of(model).hf.to_hf_name
     tensors = {to_hf_name(k.removeprefix("model.")): v for k, v in state.items()}
     write_hf(dst, {"model.safetensors": tensors}, model, next(iter(tensors.values())).dtype)
 
@@ -80,7 +75,7 @@ def hf_to_dcp(src: Path, dst: Path) -> None:
         model = model_config_from_hf(json.loads((src / "config.json").read_bytes()))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"convert: {src / 'config.json'} is not a readable Hugging Face "
-                        f"Llama config; valid: the config.json that transformers writes "
+                        f"model config; valid: the config.json that transformers writes "
                         f"beside the weights.") from None
     files = hf_files(src, f"convert: {src}")
     state: dict[str, torch.Tensor] = {
@@ -88,9 +83,9 @@ def hf_to_dcp(src: Path, dst: Path) -> None:
         "optim.step": torch.tensor(0.0),
     }
     for name, shape in parameter_shapes(model).items():
-        with hf_tensor(files, name, shape, model.tie_embeddings, f"convert: {src}",
+        with hf_tensor(files, name, shape, model, f"convert: {src}",
                        "the model its config.json describes",
-                       "a Hugging Face Llama directory whose config.json matches its "
+                       "a Hugging Face directory whose config.json matches its "
                        "tensors") as view:
             state[f"model.{name}"] = view[(slice(None),) * len(shape)]
     dst.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from trntrain.checkpoint.manager import CHECKSUMS, verify_listed_file
 from trntrain.checkpoint.state import apply_state, empty_like_state, state_dict
 from trntrain.distributed import host_group
 from trntrain.errors import UserError
+from trntrain.models import build_model
 
 if TYPE_CHECKING:
     from trntrain.trainer import Trainer
@@ -137,7 +138,9 @@ def check_fits(directory: Path, metadata: Metadata, state: dict[str, Any],
                             f"model.* settings it was saved with ({recorded}), or "
                             f"checkpoint.init_from to start from other weights.")
     saved_md = metadata.state_dict_metadata
-    extra = sorted(k for k in saved_md if k.startswith("model.") and k not in state)
+    with torch.device("meta"):  # the whole model's names: a pipeline rank holds a part
+        whole = {f"model.{name}" for name, _ in build_model(model).named_parameters()}
+    extra = sorted(k for k in saved_md if k.startswith("model.") and k not in whole)
     missing = sorted(k for k in state if k not in saved_md)
     wrong = sorted(k for k in state if k in saved_md and (
         not isinstance(saved_md[k], TensorStorageMetadata)

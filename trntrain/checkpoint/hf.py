@@ -23,59 +23,19 @@ from torch import nn
 from trntrain.checkpoint import Checkpointer
 from trntrain.distributed import barrier
 from trntrain.errors import UserError
+from trntrain.models import family_of
 from trntrain.parallel.comm import all_gather_dim
 
 if TYPE_CHECKING:
     from trntrain.trainer import Trainer
 
 INDEX = "model.safetensors.index.json"
-LAYER_MODULES = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-TOP_LEVEL = {"tok_embeddings.weight": "model.embed_tokens.weight",
-             "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-
-
-def to_hf_name(name: str) -> str:
-    if name in TOP_LEVEL:
-        return TOP_LEVEL[name]
-    _, index, rest = name.split(".", 2)  # layers.<i>.<module>.weight
-    module = rest.removesuffix(".weight")
-    return f"model.layers.{index}.{LAYER_MODULES[module]}.weight"
-
-
-def hf_config(model: DictConfig, dtype: torch.dtype = torch.float32) -> dict:
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": model.dim, "intermediate_size": model.ffn_hidden_dim,
-        "num_attention_heads": model.n_heads,
-        "num_key_value_heads": model.n_kv_heads or model.n_heads,
-        "num_hidden_layers": model.n_layers, "vocab_size": model.vocab_size,
-        "rms_norm_eps": model.norm_eps, "rope_theta": model.rope_theta,
-        "max_position_embeddings": model.max_seq_len,
-        "tie_word_embeddings": model.tie_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if model.rope_scaling is not None:
-        s = model.rope_scaling
-        config["rope_scaling"] = {
-            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        }
-    return config
-
-
 def full_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
     """This rank's parameters with tp shards gathered, under their HF names (collective
     over the tp group)."""
     out = {}
     tied = trainer.cfg.model.tie_embeddings
+    to_hf_name = family_of(trainer.cfg.model).hf.to_hf_name
     for chunk in trainer.chunks.values():
         for name, p in chunk.named_parameters():
             if tied and name == "output.weight":
@@ -106,7 +66,8 @@ def write_hf_metadata(directory: Path, weight_map: dict[str, str], model: DictCo
     if len(set(weight_map.values())) > 1:
         (directory / INDEX).write_text(
             json.dumps({"metadata": metadata or {}, "weight_map": weight_map}, indent=1))
-    (directory / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=1))
+    config = family_of(model).hf.hf_config(model, dtype)
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
 
 
 class HfCheckpointer(Checkpointer):
@@ -190,18 +151,20 @@ def safetensors_file(path: Path) -> Iterator[Any]:
 
 
 @contextmanager
-def hf_tensor(files: dict[str, Path], name: str, shape: Iterable[int], tied: bool,
+def hf_tensor(files: dict[str, Path], name: str, shape: Iterable[int], model_cfg: DictConfig,
               source: str, model: str, fix: str) -> Iterator[Any]:
     """The lazy safetensors view (index it to read) of the HF tensor that holds trntrain
-    parameter `name`, the embedding for the lm_head of a tied model saved without one.
-    UserError when it is missing or its shape is not `shape`: `source` names the
-    directory, `model` the model it should fit and `fix` what makes the shapes agree."""
+    parameter `name` of a `model_cfg` model (named by its family's adapter), the
+    embedding for the lm_head of a tied model saved without one. UserError when it is
+    missing or its shape is not `shape`: `source` names the directory, `model` the
+    model it should fit and `fix` what makes the shapes agree."""
+    to_hf_name = family_of(model_cfg).hf.to_hf_name
     hf_name = to_hf_name(name)
-    if hf_name not in files and tied and name == "output.weight":
-        hf_name = TOP_LEVEL["tok_embeddings.weight"]
+    if hf_name not in files and model_cfg.tie_embeddings and name == "output.weight":
+        hf_name = to_hf_name("tok_embeddings.weight")
     if hf_name not in files:
         raise UserError(f"{source} has no tensor {hf_name!r} (for {name}); valid: a Hugging "
-                        f"Face Llama checkpoint of {model}.")
+                        f"Face checkpoint of {model}.")
     with safetensors_file(files[hf_name]) as f:
         view = f.get_slice(hf_name)
         found, expected = list(view.get_shape()), list(shape)
@@ -212,11 +175,12 @@ def hf_tensor(files: dict[str, Path], name: str, shape: Iterable[int], tied: boo
 
 
 @torch.no_grad()
-def load_hf_weights(directory: Path, chunks: Iterable[nn.Module], tied: bool) -> None:
+def load_hf_weights(directory: Path, chunks: Iterable[nn.Module], model_cfg: DictConfig
+                    ) -> None:
     """Set this rank's parameters (its tp slices) from a Hugging Face directory."""
     if not directory.is_dir():
         raise UserError(f"checkpoint.init_from={str(directory)!r} is not a directory; valid: "
-                        f"a Hugging Face Llama directory (config.json, *.safetensors).")
+                        f"a Hugging Face model directory (config.json, *.safetensors).")
     files = hf_files(directory)
     for chunk in chunks:
         for name, p in chunk.named_parameters(remove_duplicate=False):
@@ -225,7 +189,7 @@ def load_hf_weights(directory: Path, chunks: Iterable[nn.Module], tied: bool) ->
             if hasattr(p, "tp_shard"):
                 dim, start, length = p.tp_shard
                 index[dim] = slice(start, start + length)
-            with hf_tensor(files, name, full_shape, tied,
+            with hf_tensor(files, name, full_shape, model_cfg,
                            f"checkpoint.init_from={str(directory)!r}", "the configured model",
                            "model.* settings matching the checkpoint's config.json") as view:
                 values = view[tuple(index)]

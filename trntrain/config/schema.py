@@ -13,8 +13,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from trntrain.models.llama import RopeScaling
-
 
 @dataclass
 class RunConfig:
@@ -22,6 +20,16 @@ class RunConfig:
     dir: str | None = None
     # Reuse a run directory that already holds metrics.jsonl, replacing its files.
     overwrite: bool = False
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama-3.1 scaling: long wavelengths slowed by `factor`, short ones kept."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
 
 
 @dataclass
@@ -38,10 +46,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # Llama-3.1 frequency-dependent scaling (factor, low/high_freq_factor, original length).
-    rope_scaling: RopeScaling | None = None
+    rope_scaling: RopeScalingConfig | None = None
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Size of an attention head; None: dim / n_heads (set where heads are wider or
+    # narrower than a split of the width, as in Qwen3).
+    head_dim: int | None = None
 
 
 @dataclass

@@ -150,14 +150,18 @@ def _validate_model(m: DictConfig) -> None:
         f"a divisor of model.n_heads={m.n_heads}",
         "grouped-query attention shares each kv head among n_heads / n_kv_heads query heads;",
     )
-    require(
-        m.dim % m.n_heads == 0, "model.dim", m.dim, f"a multiple of model.n_heads={m.n_heads}",
-    )
-    require(
-        (m.dim // m.n_heads) % 2 == 0, "model.dim", m.dim,
-        f"a value with an even head dimension dim / n_heads (now {m.dim // m.n_heads})",
-        "rotary embeddings rotate pairs of channels;",
-    )
+    if m.head_dim is None:
+        require(m.dim % m.n_heads == 0, "model.dim", m.dim,
+                f"a multiple of model.n_heads={m.n_heads}, or set model.head_dim")
+        require(
+            (m.dim // m.n_heads) % 2 == 0, "model.dim", m.dim,
+            f"a value with an even head dimension dim / n_heads (now {m.dim // m.n_heads})",
+            "rotary embeddings rotate pairs of channels;",
+        )
+    else:
+        require(m.head_dim > 0 and m.head_dim % 2 == 0, "model.head_dim", m.head_dim,
+                "null (dim / n_heads) or a positive even integer",
+                "rotary embeddings rotate pairs of channels;")
     require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a positive float")
     require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "a positive float")
     require(m.init_std > 0, "model.init_std", m.init_std, "a positive float")

@@ -1,50 +1,67 @@
-"""Model families by name (`model.family`). A family builds the plain model from its
-config and applies tensor parallelism to it from outside; packages add families
-through the `trntrain.models` entry point group with a `ModelFamily`."""
+"""Model families by name (`model.family`).
+
+Each family is a package of this one (`trntrain/models/<name>/`, found by its
+`FAMILY`) or of any installed package registered under the `trntrain.models` entry
+point group; `family.py` says what a family provides.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+import pkgutil
+from functools import lru_cache
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from trntrain.models.llama import Llama, LlamaArgs, RopeScaling
+from trntrain.models.family import HfAdapter, ModelFamily, ParamSpec, head_dim, kv_dim
 from trntrain.parallel.comm import Group
-from trntrain.parallel.tensor_parallel import parallelize_llama
+from trntrain.parallel.pipeline import partition_layers
 from trntrain.plugins import Registry
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    build: Callable[[DictConfig], nn.Module]
-    # (model, tp_group, sequence_parallel) -> the model with tensor-parallel layers.
-    parallelize: Callable[[nn.Module, Group, bool], nn.Module]
-
 
 MODEL_FAMILIES: Registry[ModelFamily] = Registry("trntrain.models")
 
 
-def llama_args(model_cfg: DictConfig) -> LlamaArgs:
-    fields = OmegaConf.to_container(model_cfg, resolve=True)
-    for key in ("name", "family"):
-        fields.pop(key, None)
-    scaling = fields.pop("rope_scaling", None)
-    return LlamaArgs(**fields, rope_scaling=RopeScaling(**scaling) if scaling else None)
+def _register_builtin() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if module.ispkg:
+            family = importlib.import_module(f"{__name__}.{module.name}").FAMILY
+            MODEL_FAMILIES[family.name] = family
 
 
-MODEL_FAMILIES["llama"] = ModelFamily(
-    build=lambda model_cfg: Llama(llama_args(model_cfg)), parallelize=parallelize_llama,
-)
+_register_builtin()
+
+
+def family_of(model_cfg: DictConfig) -> ModelFamily:
+    return MODEL_FAMILIES[model_cfg.family]
+
+
+def family_for_hf(model_type: str) -> ModelFamily | None:
+    """The family that reads Hugging Face configs of this `model_type`, if any."""
+    return next((f for f in MODEL_FAMILIES.values() if model_type in f.hf.model_types), None)
+
+
+def partition_model(model_cfg: DictConfig, seq_len: int, chunks: int) -> list[range]:
+    """The layers of each of the `chunks` pipeline chunks (pp x virtual_pp, 1 without a
+    pipeline), balanced by the family's layer costs, the last chunk also running the
+    output head: the trainer's cut and the planner's."""
+    family = family_of(model_cfg)
+    return list(_partition(tuple(family.layer_costs(model_cfg, seq_len)), chunks,
+                           family.head_cost(model_cfg)))
+
+
+@lru_cache(maxsize=256)
+def _partition(costs: tuple[float, ...], chunks: int, head_cost: float) -> tuple[range, ...]:
+    # Cached: the planner's layout search asks for the same cut thousands of times.
+    return tuple(partition_layers(list(costs), chunks, head_cost))
 
 
 def build_model(model_cfg: DictConfig, tp_group: Group = None,
                 sequence_parallel: bool = False) -> nn.Module:
     """The model of `model_cfg`, sharded over `tp_group`, with uninitialised weights on
     the current default device (build under `torch.device("meta")`, then `to_empty`)."""
-    family = MODEL_FAMILIES[model_cfg.family]
+    family = family_of(model_cfg)
     return family.parallelize(family.build(model_cfg), tp_group, sequence_parallel)
 
 
@@ -71,11 +88,15 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = [
     "MODEL_FAMILIES",
-    "Llama",
-    "LlamaArgs",
+    "HfAdapter",
     "ModelFamily",
+    "ParamSpec",
     "build_model",
     "count_parameters",
-    "llama_args",
+    "family_for_hf",
+    "family_of",
+    "head_dim",
+    "kv_dim",
     "materialize",
+    "partition_model",
 ]

@@ -19,15 +19,12 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 from torch import nn
 
 from trntrain.faults import note
-from trntrain.metrics.flops import kv_dim
 from trntrain.parallel.comm import COMM_STATS, Group, all_gather_single
 from trntrain.parallel.pipeline_schedule import (
     Action,
@@ -39,12 +36,6 @@ from trntrain.parallel.pipeline_schedule import (
 )
 
 TRANSPORTS = ("auto", "isend", "allgather")
-
-
-def layer_costs(n_layers: int, dim: int, kv_dim: int, ffn: int, seq_len: int) -> list[float]:
-    """Forward FLOPs per token of each transformer layer (all equal for Llama)."""
-    attention = 2 * dim * (2 * dim + 2 * kv_dim) + 4 * seq_len * dim
-    return [attention + 6 * dim * ffn] * n_layers
 
 
 def partition_layers(costs: list[float], chunks: int, head_cost: float) -> list[range]:
@@ -71,33 +62,6 @@ def partition_layers(costs: list[float], chunks: int, head_cost: float) -> list[
         bounds.append(range(cut[k][i], i))
         i = cut[k][i]
     return bounds[::-1]
-
-
-def partition_model(model: DictConfig, seq_len: int, chunks: int) -> list[range]:
-    """The layers of each of the `chunks` pipeline chunks of `model` (pp x virtual_pp,
-    1 without a pipeline), balanced by `layer_costs`, the last chunk also running the
-    output head (2 h V FLOPs per token)."""
-    return list(_partition_model(model.n_layers, model.dim, kv_dim(model),
-                                 model.ffn_hidden_dim, model.vocab_size, seq_len, chunks))
-
-
-@lru_cache(maxsize=256)
-def _partition_model(n_layers: int, dim: int, kv: int, ffn: int, vocab: int, seq_len: int,
-                     chunks: int) -> tuple[range, ...]:
-    # Cached: the planner's layout search asks for the same cut thousands of times.
-    costs = layer_costs(n_layers, dim, kv, ffn, seq_len)
-    return tuple(partition_layers(costs, chunks, head_cost=2 * dim * vocab))
-
-
-def keep_chunk(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
-    """Reduce a full (meta-device) Llama to one pipeline chunk, in place."""
-    model.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
-    if not first:
-        model.tok_embeddings = None
-    if not last:
-        model.norm = None
-        model.output = None
-    return model
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Tensor- and sequence-parallel layers, and `parallelize_llama` which swaps them in.
+"""Tensor- and sequence-parallel layers; each family's tp plan swaps them in
+(`trntrain.models.<family>.parallelize`).
 
 A sharded parameter keeps the name it has in the plain model and records how it
 was cut (`tp_shard = (dim, start, length)` of `tp_full_shape`), so that
@@ -179,42 +180,3 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
     """Mean next-token loss from this rank's vocabulary slice of the logits."""
     return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, group)
 
-
-def parallelize_llama(model: nn.Module, tp_group: Group, sequence_parallel: bool) -> nn.Module:
-    """Swap the Llama model's layers for tensor-parallel ones, in place (weights are
-    left uninitialised: call `init_weights` afterwards)."""
-    tp = group_size(tp_group)
-    if tp == 1:
-        return model
-    args = model.args
-    sp = sequence_parallel
-    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp_group, sp)
-
-    def enter_region_once(module: nn.Module, inputs: tuple) -> tuple:
-        # q, k and v (w1 and w3) read one input: one collective for all of them.
-        return (enter_tp_region(inputs[0], tp_group, sp), *inputs[1:])
-
-    for layer in model.layers.values():
-        attn, ffn = layer.attention, layer.feed_forward
-        attn.register_forward_pre_hook(enter_region_once)
-        attn.wq = ColumnParallelLinear(attn.wq, tp_group, sp, shared_input=True)
-        if tp <= args.kv_heads:
-            attn.wk = ColumnParallelLinear(attn.wk, tp_group, sp, shared_input=True)
-            attn.wv = ColumnParallelLinear(attn.wv, tp_group, sp, shared_input=True)
-        else:
-            attn.wk = ReplicatedKVLinear(attn.wk, tp_group, args.kv_heads, args.head_dim)
-            attn.wv = ReplicatedKVLinear(attn.wv, tp_group, args.kv_heads, args.head_dim)
-        attn.wo = RowParallelLinear(attn.wo, tp_group, sp)
-        ffn.register_forward_pre_hook(enter_region_once)
-        ffn.w1 = ColumnParallelLinear(ffn.w1, tp_group, sp, shared_input=True)
-        ffn.w3 = ColumnParallelLinear(ffn.w3, tp_group, sp, shared_input=True)
-        ffn.w2 = RowParallelLinear(ffn.w2, tp_group, sp)
-        if sequence_parallel:
-            layer.attention_norm.weight.tp_grad_reduce = True
-            layer.ffn_norm.weight.tp_grad_reduce = True
-    if sequence_parallel:
-        model.norm.weight.tp_grad_reduce = True
-    model.output = ColumnParallelLinear(model.output, tp_group, sp)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model

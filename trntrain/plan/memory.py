@@ -58,20 +58,13 @@ from functools import lru_cache
 
 from omegaconf import DictConfig
 
-from trntrain.metrics.flops import kv_dim
-from trntrain.parallel.pipeline import partition_model
+from trntrain.models import ParamSpec as Param
+from trntrain.models import family_of, partition_model
+from trntrain.models import head_dim as family_head_dim
 from trntrain.parallel.pipeline_schedule import rank_actions
 from trntrain.plan.layout import Layout
 
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Param:
-    numel: int
-    matrix: bool  # ndim >= 2: weight decay
-    tp_sharded: bool
-    counted: bool = True  # False: a tied head duplicated on the last pipeline stage
 
 
 def param_bytes(precision: str) -> int:
@@ -87,23 +80,8 @@ def kv_heads(model: DictConfig) -> int:
 
 
 def layer_params(model: DictConfig, tp: int) -> list[Param]:
-    """One transformer block's parameters on a tp rank, in the module's order."""
-    h, f = model.dim, model.ffn_hidden_dim
-    kv = kv_dim(model)
-    sharded = tp > 1
-    kv_sharded = tp <= kv_heads(model)
-    kv_numel = (kv // tp if kv_sharded else kv) * h
-    return [
-        Param(h, False, False),  # attention_norm
-        Param(h * h // tp, True, sharded),  # wq
-        Param(kv_numel, True, sharded and kv_sharded),  # wk
-        Param(kv_numel, True, sharded and kv_sharded),  # wv
-        Param(h * h // tp, True, sharded),  # wo
-        Param(h, False, False),  # ffn_norm
-        Param(f * h // tp, True, sharded),  # w1
-        Param(f * h // tp, True, sharded),  # w2
-        Param(f * h // tp, True, sharded),  # w3
-    ]
+    """One transformer block's parameters on a tp rank, as its family counts them."""
+    return family_of(model).layer_params(model, tp)
 
 
 def chunk_layers(model: DictConfig, seq_len: int, chunks: int) -> list[int]:
@@ -358,7 +336,7 @@ def activation_model(cfg: DictConfig, layout: Layout) -> ActivationModel:
     m, t = cfg.model, cfg.train
     tokens = layout.micro_batch_size * t.seq_len
     h, f, a, tp = m.dim, m.ffn_hidden_dim, m.n_heads, layout.tp
-    head_dim = h // a
+    head_dim = family_head_dim(m)
     kv_local = (kv_heads(m) // tp if tp <= kv_heads(m) else 1) * head_dim
     e = activation_bytes(t.precision)
     h_n = h / tp if layout.sequence_parallel else h

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from trntrain.metrics.flops import kv_dim, mfu
-from trntrain.parallel.pipeline import layer_costs
+from trntrain.metrics.flops import mfu
+from trntrain.models import family_of
 from trntrain.plan.layout import Layout
 from trntrain.plan.memory import (
     activation_bytes,
@@ -51,7 +51,7 @@ def layer_forward_flops(model: DictConfig, seq_len: int) -> float:
     """Forward FLOPs per token of one transformer layer: 2 x its matmul parameters plus
     the attention scores and their weighting (4 H Q T); the cost by which the trainer
     balances its pipeline chunks (`pipeline.layer_costs`)."""
-    return layer_costs(1, model.dim, kv_dim(model), model.ffn_hidden_dim, seq_len)[0]
+    return family_of(model).layer_costs(model, seq_len)[0]
 
 
 def rank_layer_forward_flops(model: DictConfig, seq_len: int, tp: int) -> float:

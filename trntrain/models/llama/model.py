@@ -8,22 +8,21 @@ layout of Hugging Face checkpoints, so their weights load without permutation.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class RopeScaling:
-    """Llama-3.1 scaling: long wavelengths slowed by `factor`, short ones kept."""
-
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+from trntrain.models.layers import (
+    FeedForward,
+    RMSNorm,
+    RopeScaling,
+    apply_rope,
+    attend,
+    normal_tensor,
+    parameter_seed,
+    rope_cos_sin,
+)
 
 
 @dataclass
@@ -40,61 +39,16 @@ class LlamaArgs:
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # None: dim / n_heads; set where a family's heads are not a split of the width.
+    head_dim: int | None = None
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    if scaling is None:
-        return inv_freq.float()
-    old_len = scaling.original_max_position_embeddings
-    low_freq_wavelen = old_len / scaling.low_freq_factor
-    high_freq_wavelen = old_len / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    # Between the two wavelengths, interpolate smoothly from scaled to unscaled.
-    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(medium, smoothed, scaled).float()
-
-
-def rope_cos_sin(args: LlamaArgs, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (seq_len, head_dim), halves repeated for rotate-half."""
-    inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return x * cos + rotated * sin
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the activation dtype, as the reference models do.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.type_as(x)
 
 
 class Attention(nn.Module):
@@ -121,30 +75,8 @@ class Attention(nn.Module):
         return self.wo(self.attend(q, k, v).reshape(bsz, seq, -1))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The attention core, (batch, seq, heads, head_dim) in and out."""
-        # Head counts come from the tensors: a tensor-parallel shard holds fewer heads.
-        groups = q.shape[2] // k.shape[2]
-        if groups > 1:
-            # repeat_interleave rather than SDPA's enable_gqa: every backend (XLA too) has it.
-            k = k.repeat_interleave(groups, dim=2)
-            v = v.repeat_interleave(groups, dim=2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
-        return out.transpose(1, 2)
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        """The attention core (a method, so that selective checkpointing can wrap it)."""
+        return attend(q, k, v)
 
 
 class TransformerBlock(nn.Module):
@@ -174,7 +106,8 @@ class Llama(nn.Module):
         self.output: nn.Module | None = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_cos_sin(args, args.max_seq_len)
+        cos, sin = rope_cos_sin(args.head_dim, args.rope_theta, args.rope_scaling,
+                                args.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -215,17 +148,9 @@ class Llama(nn.Module):
                 dim, start, length = param.tp_shard
                 full = full.narrow(dim, start, length)
             param.copy_(full)
-        cos, sin = rope_cos_sin(self.args, self.args.max_seq_len)
+        a = self.args
+        cos, sin = rope_cos_sin(a.head_dim, a.rope_theta, a.rope_scaling, a.max_seq_len)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
 
-def parameter_seed(seed: int, name: str) -> int:
-    """A stable per-parameter seed (Python's hash() differs between processes)."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
-def normal_tensor(shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
-    """N(0, std) values drawn on the CPU from `seed`: the same on every device and layout."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
