@@ -9,16 +9,27 @@ from omegaconf import DictConfig
 from torch import nn
 
 
-def build_optimizer(params: list[nn.Parameter], optim_cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (norm gains are left undecayed)."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+def decays(p: nn.Parameter) -> bool:
+    """Weight decay applies to matrices only: norm gains are left undecayed."""
+    return p.ndim >= 2
+
+
+def build_adamw(decayed: list[torch.Tensor], undecayed: list[torch.Tensor],
+                optim_cfg: DictConfig) -> torch.optim.AdamW:
+    """AdamW over two groups, with and without weight decay (the plain and the sharded
+    optimizer both: their tensors are parameters or flat fp32 slices of them)."""
+    groups = [{"params": decayed, "weight_decay": optim_cfg.weight_decay},
+              {"params": undecayed, "weight_decay": 0.0}]
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
         eps=optim_cfg.eps,
     )
+
+
+def build_optimizer(params: list[nn.Parameter], optim_cfg: DictConfig) -> torch.optim.Optimizer:
+    """AdamW over the parameters themselves."""
+    return build_adamw([p for p in params if decays(p)], [p for p in params if not decays(p)],
+                       optim_cfg)
 
 
 def lr_factor(step: int, optim_cfg: DictConfig, max_steps: int) -> float:

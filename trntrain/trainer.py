@@ -46,13 +46,13 @@ from trntrain.faults import (
 )
 from trntrain.metrics import MetricsLogger, build_metrics_logger
 from trntrain.metrics.flops import mfu
-from trntrain.metrics.memory import optimizer_state_bytes, static_memory
+from trntrain.metrics.memory import static_memory
 from trntrain.models import build_model, family_of, materialize, partition_model
-from trntrain.optim import build_lr_scheduler, build_optimizer, lr_factor
-from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh, clip_grad_norm_
+from trntrain.optim import build_lr_scheduler, lr_factor
+from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh
 from trntrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from trntrain.parallel.comm import all_reduce
-from trntrain.parallel.gradients import accumulate_in_fp32
+from trntrain.parallel.gradients import ReplicatedOptimizer, accumulate_in_fp32
 from trntrain.parallel.pipeline import (
     PipelineGroups,
     PipelineRunner,
@@ -141,28 +141,28 @@ class Trainer:
         # ZeRO-1 and bf16 master weights step fp32 slices of flat buckets; they are taken
         # from the fp32 initial weights, before the model itself is cast to bf16.
         t = cfg.train
-        self.sharded = None
+        bucket_mb = cfg.parallel.bucket_mb
+        # The optimizer reduces the dp gradients too: reduce-scattered into ZeRO's slices,
+        # or all-reduced for the plain one.
         if cfg.parallel.zero1 or (t.precision == "bf16" and t.master_weights):
-            self.sharded = ShardedOptimizer(self.params, cfg.optim, self.mesh.dp_group,
-                                            cfg.parallel.bucket_mb,
-                                            cfg.parallel.zero1_comm_dtype,
-                                            t.fp32_grad_accumulation)
+            self.stepper: ShardedOptimizer | ReplicatedOptimizer = ShardedOptimizer(
+                self.params, cfg.optim, self.mesh.dp_group, bucket_mb,
+                cfg.parallel.zero1_comm_dtype, t.fp32_grad_accumulation)
+        else:
+            self.stepper = ReplicatedOptimizer(self.params, cfg.optim, self.mesh.dp_group,
+                                               bucket_mb)
+        # What a checkpoint reads of the sharded layout (None: per-parameter state).
+        self.sharded = self.stepper if isinstance(self.stepper, ShardedOptimizer) else None
         if t.precision == "bf16":
             for p in self.params:
                 p.data = p.data.to(torch.bfloat16)
                 if t.fp32_grad_accumulation:
                     p.register_post_accumulate_grad_hook(accumulate_in_fp32)
-        self.optimizer = (self.sharded.optimizer if self.sharded is not None
-                          else build_optimizer(self.params, cfg.optim))
+        self.optimizer = self.stepper.optimizer  # the torch optimizer: its param groups' lr
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        bucket_mb = cfg.parallel.bucket_mb
         self.tp_grad_reducer = GradientReducer(
             [p for p in self.params if getattr(p, "tp_grad_reduce", False)], self.mesh.tp_group,
             bucket_mb, average=False)
-        # Data-parallel gradients: reduce-scattered into ZeRO's slices, or all-reduced.
-        self.reduce_dp_gradients = (
-            self.sharded.reduce_gradients if self.sharded is not None else
-            GradientReducer(self.params, self.mesh.dp_group, bucket_mb, average=True).reduce)
         self.tied_grad_reducer = GradientReducer(tied, self.mesh.embedding_group, bucket_mb,
                                                  average=False)
 
@@ -281,9 +281,7 @@ class Trainer:
 
     def memory_bytes(self) -> dict[str, int]:
         """Parameter, gradient and optimizer-state bytes on this rank."""
-        state = (self.sharded.state_bytes() if self.sharded is not None
-                 else optimizer_state_bytes(self.optimizer))
-        return static_memory(self.params, state)
+        return static_memory(self.params, self.stepper.state_bytes())
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -291,12 +289,8 @@ class Trainer:
         """One optimizer step over this rank's micro-batches: (mean loss, gradient norm)."""
         mean_loss = self.forward_backward(micro_batches)
         start = time.perf_counter()
-        max_norm, mesh = self.cfg.optim.max_grad_norm, self.mesh
-        optimizer = self.sharded if self.sharded is not None else self.optimizer
-        if self.sharded is not None:
-            grad_norm = self.sharded.clip_grad_norm_(max_norm, mesh.tp_group, mesh.pp_group)
-        else:
-            grad_norm = clip_grad_norm_(self.params, max_norm, mesh.tp_group, mesh.pp_group)
+        max_norm, mesh, optimizer = self.cfg.optim.max_grad_norm, self.mesh, self.stepper
+        grad_norm = optimizer.clip_grad_norm_(max_norm, mesh.tp_group, mesh.pp_group)
         if self.nonfinite_step(mean_loss, grad_norm):
             optimizer.zero_grad(set_to_none=True)  # skipped: weights and state unchanged
             self.backend.cut_graph()
@@ -367,7 +361,7 @@ class Trainer:
         start = time.perf_counter()
         self.tp_grad_reducer.reduce()
         self.tied_grad_reducer.reduce()
-        self.reduce_dp_gradients()
+        self.stepper.reduce_gradients()
         self.phase_s["grad_sync"] += time.perf_counter() - start
         return mean_loss
 

@@ -421,8 +421,8 @@ def measure_gradient_sync(rank: int, world_size: int, overrides: tuple[str, ...]
 
     trainer = Trainer(tiny_config(*SYNC, *overrides), World(rank, world_size, rank))
     trainer.train_step(trainer.train_batches.step(0))
-    reduce = trainer.reduce_dp_gradients
-    trainer.reduce_dp_gradients = lambda: None
+    reduce = trainer.stepper.reduce_gradients
+    trainer.stepper.reduce_gradients = lambda: None
     trainer.forward_backward(trainer.train_batches.step(1))
     live = LiveTensors()
     for p in trainer.params:

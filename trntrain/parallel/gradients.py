@@ -15,8 +15,10 @@ costs about as much as a large one on gloo and on EFA, so few large ones win.
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
+from trntrain.optim import build_optimizer
 from trntrain.parallel.comm import Group, all_reduce, group_size
 
 
@@ -124,3 +126,33 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, tp_group: Group
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
     return total
+
+
+class ReplicatedOptimizer:
+    """AdamW on the parameters themselves, each dp rank holding all of its state, the
+    gradients all-reduced over dp: the interface of `ShardedOptimizer` (reduce the
+    gradients, clip, step, zero, state bytes), so the trainer holds either one alike."""
+
+    def __init__(self, params: list[nn.Parameter], optim_cfg: DictConfig, dp_group: Group,
+                 bucket_mb: float) -> None:
+        self.params = params
+        self.optimizer = build_optimizer(params, optim_cfg)
+        self._reducer = GradientReducer(params, dp_group, bucket_mb, average=True)
+
+    def reduce_gradients(self) -> None:
+        self._reducer.reduce()
+
+    def clip_grad_norm_(self, max_norm: float, tp_group: Group, pp_group: Group
+                        ) -> torch.Tensor:
+        return clip_grad_norm_(self.params, max_norm, tp_group, pp_group)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_bytes(self) -> int:
+        """Bytes of AdamW's moments on this rank (its step counters are scalars)."""
+        return sum(v.numel() * v.element_size() for state in self.optimizer.state.values()
+                   for v in state.values() if isinstance(v, torch.Tensor) and v.ndim > 0)

@@ -39,6 +39,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from trntrain.optim import build_adamw, decays
 from trntrain.parallel.comm import Group, all_gather_dim, group_rank, group_size
 from trntrain.parallel.comm import reduce_scatter_dim as reduce_scatter
 from trntrain.parallel.gradients import global_norm, gradient
@@ -74,7 +75,7 @@ class SlicePart:
 
 
 def _category(p: nn.Parameter) -> tuple[bool, bool, bool, torch.dtype]:
-    return (p.ndim >= 2, hasattr(p, "tp_shard"), not getattr(p, "pp_duplicate", False),
+    return (decays(p), hasattr(p, "tp_shard"), not getattr(p, "pp_duplicate", False),
             p.dtype)
 
 
@@ -107,15 +108,8 @@ class ShardedOptimizer:
         for key, current in open_buckets.items():
             if current:
                 self._add_bucket(current, key)
-        groups = [
-            {"params": [b.master for b in self.buckets if b.decay],
-             "weight_decay": optim_cfg.weight_decay},
-            {"params": [b.master for b in self.buckets if not b.decay], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
-            eps=optim_cfg.eps,
-        )
+        self.optimizer = build_adamw([b.master for b in self.buckets if b.decay],
+                                     [b.master for b in self.buckets if not b.decay], optim_cfg)
 
     def _add_bucket(self, params: list[nn.Parameter], key: tuple) -> None:
         decay, tp_sharded, counted, _ = key
