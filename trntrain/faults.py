@@ -101,14 +101,22 @@ def with_nan_fault(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def inject_fault(point: str, step: int, world: World) -> None:
-    """Called at `point` ("step", "log" or "save") of step `step`; acts if TRNTRAIN_FAULT
-    says so."""
+    """Called at `point` of step `step`: "start" (before the step), "step" (after it),
+    "log" (after its metrics record) or "save" (half-way through its checkpoint); acts
+    if TRNTRAIN_FAULT names that point, step and this rank. The one hook of the loop."""
     fault = _fault()
     if fault is None:
         return
     kind, at_step, rank = fault
-    wanted = {"kill": "step", "kill_after_log": "log", "kill_during_save": "save"}.get(kind)
-    if wanted == point and step == at_step and world.rank == rank:
+    points = {"kill": "step", "kill_after_log": "log", "kill_during_save": "save",
+              "stall": "start", "raise": "start"}
+    if points.get(kind) != point or step != at_step or world.rank != rank:
+        return
+    if kind == "stall":  # stops making progress: the watchdog's case
+        time.sleep(10**6)
+    elif kind == "raise":  # fails as a bug in its data or model code would
+        raise RuntimeError(f"injected failure on rank {world.rank} at step {step}")
+    else:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -169,16 +177,6 @@ def note(activity: str) -> None:
     """Record progress with the watchdog, if one runs (a string assignment otherwise)."""
     if WATCHDOG is not None:
         WATCHDOG.progress(activity)
-
-
-def stall_fault(step: int, world: World) -> None:
-    """TRNTRAIN_FAULT=stall:STEP[:RANK]: that rank stops making progress at that step;
-    raise:STEP[:RANK]: it fails with an exception, as a bug in its data or model code."""
-    fault = _fault()
-    if fault == ("stall", step, world.rank):
-        time.sleep(10**6)
-    if fault == ("raise", step, world.rank):
-        raise RuntimeError(f"injected failure on rank {world.rank} at step {step}")
 
 
 PEER_FAILURE_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",

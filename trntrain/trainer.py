@@ -7,6 +7,7 @@ device round trip every step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -41,7 +42,6 @@ from trntrain.faults import (
     Watchdog,
     inject_fault,
     note,
-    stall_fault,
     with_nan_fault,
 )
 from trntrain.metrics import MetricsLogger, build_metrics_logger
@@ -225,20 +225,20 @@ class Trainer:
         """Write a checkpoint of `step`; an asynchronous one is committed when it is done,
         at the next save or at the end of training."""
         start = time.perf_counter()
-        self.finish_pending_save()
-        try:
-            directory = self.checkpoints.begin(step)
-            pending = self.checkpointer.save(directory, self, step)
-            inject_fault("save", step, self.world)
-            if pending is None:
-                self.checkpoints.commit(step)
-        except (OSError, CheckpointException) as err:
-            self.checkpoints.abandon(step)
-            raise save_failed(step, self.checkpoints.directory, err) from None
-        if pending is not None:
-            self.pending_save = (pending, step)
+        with self.timed("checkpoint"):
+            self.finish_pending_save()
+            try:
+                directory = self.checkpoints.begin(step)
+                pending = self.checkpointer.save(directory, self, step)
+                inject_fault("save", step, self.world)
+                if pending is None:
+                    self.checkpoints.commit(step)
+            except (OSError, CheckpointException) as err:
+                self.checkpoints.abandon(step)
+                raise save_failed(step, self.checkpoints.directory, err) from None
+            if pending is not None:
+                self.pending_save = (pending, step)
         self.save_blocking_s.append(time.perf_counter() - start)
-        self.phase_s["checkpoint"] += self.save_blocking_s[-1]
 
     def finish_pending_save(self) -> None:
         """Complete and commit the asynchronous save under way, if any (every rank, on
@@ -288,18 +288,16 @@ class Trainer:
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over this rank's micro-batches: (mean loss, gradient norm)."""
         mean_loss = self.forward_backward(micro_batches)
-        start = time.perf_counter()
         max_norm, mesh, optimizer = self.cfg.optim.max_grad_norm, self.mesh, self.stepper
-        grad_norm = optimizer.clip_grad_norm_(max_norm, mesh.tp_group, mesh.pp_group)
-        if self.nonfinite_step(mean_loss, grad_norm):
-            optimizer.zero_grad(set_to_none=True)  # skipped: weights and state unchanged
+        with self.timed("optimizer"):
+            grad_norm = optimizer.clip_grad_norm_(max_norm, mesh.tp_group, mesh.pp_group)
+            skipped = self.nonfinite_step(mean_loss, grad_norm)
+            if not skipped:  # skipped: weights and optimizer state unchanged
+                self.backend.optimizer_step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            if not skipped:
+                self.lr_scheduler.step()
             self.backend.cut_graph()
-            return mean_loss, grad_norm
-        self.backend.optimizer_step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
-        self.backend.cut_graph()
-        self.phase_s["optimizer"] += time.perf_counter() - start
         return mean_loss, grad_norm
 
     def nonfinite_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
@@ -340,29 +338,28 @@ class Trainer:
         """Accumulate the gradient of the mean loss, reduced over tp, tied stages and dp.
 
         Returns the mean loss (under pipelining: on the last stage, zero elsewhere)."""
-        start = time.perf_counter()
         if self.pipeline is not None:
             mean_loss = self.pipeline.forward_backward(micro_batches)
+            # The pipeline times itself: its waits for neighbours are the bubble.
             self.phase_s["forward_backward"] += self.pipeline.compute_s
             self.phase_s["pipeline_wait"] += self.pipeline.step_s - self.pipeline.compute_s
         else:
-            accumulation = len(micro_batches)
-            loss_sum = torch.zeros((), device=self.backend.device)
-            for inputs, labels in micro_batches:
-                with self.backend.autocast(self.cfg.train.precision):
-                    loss = self.loss_fn(self.model(inputs), labels)
-                (loss / accumulation).backward()
-                loss_sum += loss.detach()
-                # One graph per micro-batch, the same for each but the first (which
-                # creates the gradients): its size does not grow with the count.
-                self.backend.cut_graph()
-            mean_loss = loss_sum / accumulation
-            self.phase_s["forward_backward"] += time.perf_counter() - start
-        start = time.perf_counter()
-        self.tp_grad_reducer.reduce()
-        self.tied_grad_reducer.reduce()
-        self.stepper.reduce_gradients()
-        self.phase_s["grad_sync"] += time.perf_counter() - start
+            with self.timed("forward_backward"):
+                accumulation = len(micro_batches)
+                loss_sum = torch.zeros((), device=self.backend.device)
+                for inputs, labels in micro_batches:
+                    with self.backend.autocast(self.cfg.train.precision):
+                        loss = self.loss_fn(self.model(inputs), labels)
+                    (loss / accumulation).backward()
+                    loss_sum += loss.detach()
+                    # One graph per micro-batch, the same for each but the first (which
+                    # creates the gradients): its size does not grow with the count.
+                    self.backend.cut_graph()
+                mean_loss = loss_sum / accumulation
+        with self.timed("grad_sync"):
+            self.tp_grad_reducer.reduce()
+            self.tied_grad_reducer.reduce()
+            self.stepper.reduce_gradients()
         return mean_loss
 
     @torch.no_grad()
@@ -402,15 +399,30 @@ class Trainer:
         every = self.cfg.train.eval_every
         return every > 0 and (step % every == 0 or step == self.max_steps)
 
-    def log_record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
-                   window_steps: int, elapsed: float) -> dict[str, Any]:
-        """The metrics of a logging step: the only place values are read from the device."""
+    def check_nonfinite_at_logging(self, step: int, grad_norm: torch.Tensor) -> None:
+        """train.nonfinite=stop on a lazy backend, which reads the norm at logging steps
+        only (every step would be a host synchronisation)."""
         if self.backend.lazy and self.cfg.train.nonfinite == "stop" and not math.isfinite(
                 grad_norm.item()):
             raise NonFiniteError(
                 f"non-finite gradient norm seen at logging step {step} (on a lazy backend "
                 f"train.nonfinite is checked at logging steps only; the weights may already "
                 f"hold it, resume from the last checkpoint)")
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the host seconds of the block to `phase` (time_<phase>_s in the records; on
+        a lazy backend the time to trace, not to run)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_s[phase] += time.perf_counter() - start
+
+    def log_record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+                   window_steps: int, elapsed: float, eval_loss: float | None
+                   ) -> dict[str, Any]:
+        """The metrics of a logging step: the only place values are read from the device."""
         record = {
             "step": step,
             "loss": self.reduce_loss(loss),
@@ -428,8 +440,8 @@ class Trainer:
         record.update({f"time_{phase}_s": seconds / window_steps
                        for phase, seconds in self.phase_s.items()})
         self.phase_s.clear()
-        if self.should_eval(step):
-            record["eval_loss"] = self.evaluate()
+        if eval_loss is not None:
+            record["eval_loss"] = eval_loss
         record.update(self.backend.metrics())
         record.update({f"mem_{k}_gib": v / 2**30 for k, v in self.memory_bytes().items()})
         return record
@@ -438,12 +450,10 @@ class Trainer:
         """The batches, the time spent waiting for each counted as the data phase."""
         iterator = iter(batches)
         while True:
-            start = time.perf_counter()
-            try:
-                item = next(iterator)
-            except StopIteration:
+            with self.timed("data"):
+                item = next(iterator, None)
+            if item is None:
                 return
-            self.phase_s["data"] += time.perf_counter() - start
             yield item
 
     def fit(self) -> list[dict[str, Any]]:
@@ -479,7 +489,7 @@ class Trainer:
                 for step, micro_batches in enumerate(steps, start=start + 1):
                     self.step = step
                     note(f"step {step}")
-                    stall_fault(step, self.world)
+                    inject_fault("start", step, self.world)
                     loss, grad_norm = self.train_step(micro_batches)
                     window_steps += 1
                     bar.update(1)
@@ -490,7 +500,10 @@ class Trainer:
                     if self.should_log(step) or stopping:
                         self.backend.synchronize()
                         elapsed = time.perf_counter() - window_start
-                        record = self.log_record(step, loss, grad_norm, window_steps, elapsed)
+                        self.check_nonfinite_at_logging(step, grad_norm)
+                        eval_loss = self.evaluate() if self.should_eval(step) else None
+                        record = self.log_record(step, loss, grad_norm, window_steps, elapsed,
+                                                 eval_loss)
                         bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
                         metrics.log(record)
                         inject_fault("log", step, self.world)
