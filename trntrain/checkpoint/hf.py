@@ -1,10 +1,11 @@
-"""Hugging Face Llama checkpoints: safetensors with HF names plus config.json.
+"""Hugging Face checkpoints: safetensors with HF names plus config.json, named and
+configured by the model family's adapter (`ModelFamily.hf`).
 
 Export (checkpoint=hf, `trntrain convert`): one safetensors file per pipeline
 stage, written by that stage's first tp and dp rank after gathering its tp
-shards, an index when there are several, and `config.json` for
-`transformers.LlamaForCausalLM`. Import (`checkpoint.init_from=DIR`): every rank
-reads, lazily, only the slices of the tensors it holds. Weights only: a run
+shards, an index when there are several, and `config.json` for `transformers`
+(`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...). Import (`checkpoint.init_from=DIR`):
+every rank reads, lazily, only the slices of the tensors it holds. Weights only: a run
 cannot resume from it (use dcp).
 """
 
@@ -95,7 +96,7 @@ class HfCheckpointer(Checkpointer):
                               {"step": step})
 
     def load(self, directory: Path, trainer: Trainer) -> int:
-        load_hf_weights(directory, trainer.chunks.values(), trainer.cfg.model.tie_embeddings)
+        load_hf_weights(directory, trainer.chunks.values(), trainer.cfg.model)
         return 0
 
 
@@ -109,7 +110,7 @@ def hf_files(directory: Path, source: str | None = None) -> dict[str, Path]:
     if not single.is_file():
         source = source or f"checkpoint.init_from={str(directory)!r}"
         raise UserError(f"{source} holds neither "
-                        f"model.safetensors nor {INDEX}; valid: a Hugging Face Llama "
+                        f"model.safetensors nor {INDEX}; valid: a Hugging Face model "
                         f"directory with safetensors weights.")
     with safetensors_file(single) as f:
         return dict.fromkeys(f.keys(), single)
