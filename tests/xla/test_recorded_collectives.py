@@ -209,3 +209,22 @@ def test_pp_transport_isend_is_refused_on_xla_backends():
                                             r"torch-xla runs every send and receive"):
             validate(cfg, 2)
     validate(tiny_config("parallel.pp=2", "parallel.pp_transport=isend", "backend=cpu"), 2)
+
+
+def test_the_isend_transport_is_what_torch_xla_runs_one_sync_at_a_time(distributed, tmp_path):
+    """Why `isend` is refused on xla: its transfers reach ProcessGroupXla's send and recv,
+    each a collective_permute followed by a graph sync (read from their source), while
+    the allgather transport's are all-gathers inside the traced graph."""
+    from torch_xla.distributed.xla_backend import ProcessGroupXla
+
+    for method in ("send", "recv"):
+        source = inspect.getsource(getattr(ProcessGroupXla, method))
+        assert "collective_permute" in source and "torch_xla.sync()" in source
+    runs = [("parallel.pp=2", "parallel.pp_transport=isend", "train.eval_every=0")]
+    calls = distributed(record_runs, 4, str(tmp_path), runs, timeout_s=300)[0]["calls"]
+    on_device = {name for name, kind, _ in calls if kind == "device"}
+    assert {"send", "recv"} & on_device
+    runs = [("parallel.pp=2", "parallel.pp_transport=allgather", "train.eval_every=0")]
+    calls = distributed(record_runs, 4, str(tmp_path / "ag"), runs, timeout_s=300)[0]["calls"]
+    on_device = {name for name, kind, _ in calls if kind == "device"}
+    assert not {"send", "recv"} & on_device and "_allgather_base" in on_device
