@@ -338,16 +338,19 @@ def activation_model(cfg: DictConfig, layout: Layout) -> ActivationModel:
     h, f, a, tp = m.dim, m.ffn_hidden_dim, m.n_heads, layout.tp
     head_dim = family_head_dim(m)
     kv_local = (kv_heads(m) // tp if tp <= kv_heads(m) else 1) * head_dim
+    # The query width: dim for Llama, wider or narrower where heads are sized on their
+    # own (Qwen3: n_heads x 128); q, the core's output and wo's input have it.
+    q = a * head_dim
     e = activation_bytes(t.precision)
     h_n = h / tp if layout.sequence_parallel else h
     norm = 4 * h_n + 4 + e * h_n
     inputs = 2 * e * h
     mlp = 4 * e * f / tp
     if fused_attention(cfg):
-        core = 4 * e * h / tp + 4 * a / tp
+        core = 4 * e * q / tp + 4 * a / tp
     else:
-        core = 4 * e * h / tp + e * a * t.seq_len / tp
-    selective_core = e * (h / tp + 2 * kv_local + h / tp)
+        core = 4 * e * q / tp + e * a * t.seq_len / tp
+    selective_core = e * (q / tp + 2 * kv_local + q / tp)
     # Decomposed attention's backward holds, besides the saved probabilities, the
     # gradient of the probabilities and that of the scores (softmax backward): two
     # s x s matrices per local head (measured on CPU, tests/unit/test_plan.py). Its
@@ -365,7 +368,7 @@ def activation_model(cfg: DictConfig, layout: Layout) -> ActivationModel:
     elif mode == "selective":
         # The core's inputs and wo's input; its backward first recomputes the core:
         # q, k and v as the core uses them (repeated) and the probabilities.
-        layer, recompute = 2 * norm + inputs + selective_core + mlp + rope, core - e * h / tp
+        layer, recompute = 2 * norm + inputs + selective_core + mlp + rope, core - e * q / tp
     else:
         layer, recompute = full_layer, 0.0
     v_local = m.vocab_size / tp
