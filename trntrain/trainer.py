@@ -21,16 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
 from trntrain.backend import Backend, build_backend
-from trntrain.checkpoint import CHECKPOINTERS, PendingSave
+from trntrain.checkpoint import CHECKPOINTERS, TrainState
 from trntrain.checkpoint.hf import load_hf_weights
 from trntrain.checkpoint.manager import (
     CheckpointManager,
     checkpoint_dir,
-    save_failed,
     verify_checksums_agreed,
 )
 from trntrain.config import data_parallel_size, micro_batch_size
@@ -182,13 +180,19 @@ class Trainer:
         self.max_steps = min(t.max_steps, self.backend.step_limit() or t.max_steps)
         self.pipeline = self.build_pipeline() if dims.pp > 1 else None
         self.checkpointer = CHECKPOINTERS[cfg.checkpoint.name]()
-        self.pending_save: tuple[PendingSave, int] | None = None
         self.step = 0  # the optimizer step being taken (1-based)
         self.skipped_steps: list[int] = []
         # Host seconds per phase since the last metrics record (on a lazy backend: the
         # time to trace, not to run).
         self.phase_s: dict[str, float] = defaultdict(float)
         self.save_blocking_s: list[float] = []
+        # What checkpointers save and restore: they receive this, never the trainer.
+        self.train_state = TrainState(
+            model_cfg=cfg.model, chunks=self.chunks, params=self.params,
+            optimizer=self.optimizer, sharded=self.sharded, data=self.train_batches,
+            global_batch_size=t.global_batch_size, mesh=self.mesh,
+            host_tp_group=self.host_tp_group, is_main=world.is_main,
+            async_save=bool(cfg.checkpoint["async"]))
         self.checkpoints = None
         if run_dir is not None and cfg.checkpoint.name != "none":
             self.checkpoints = CheckpointManager(checkpoint_dir(cfg, run_dir),
@@ -222,40 +226,21 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> None:
-        """Write a checkpoint of `step`; an asynchronous one is committed when it is done,
-        at the next save or at the end of training."""
+        """Write a checkpoint of `step` (the manager commits an asynchronous one when it is
+        done, at the next save or at the end of training)."""
         start = time.perf_counter()
         with self.timed("checkpoint"):
-            self.finish_pending_save()
-            try:
-                directory = self.checkpoints.begin(step)
-                pending = self.checkpointer.save(directory, self, step)
-                inject_fault("save", step, self.world)
-                if pending is None:
-                    self.checkpoints.commit(step)
-            except (OSError, CheckpointException) as err:
-                self.checkpoints.abandon(step)
-                raise save_failed(step, self.checkpoints.directory, err) from None
-            if pending is not None:
-                self.pending_save = (pending, step)
+            self.checkpoints.save(step, self.checkpointer, self.train_state,
+                                  lambda: inject_fault("save", step, self.world))
         self.save_blocking_s.append(time.perf_counter() - start)
 
     def finish_pending_save(self) -> None:
-        """Complete and commit the asynchronous save under way, if any (every rank, on
-        the training thread: completing it is collective)."""
-        if self.pending_save is not None:
-            pending, step = self.pending_save
-            self.pending_save = None
-            try:
-                pending.result()
-                self.checkpoints.commit(step)
-            except (OSError, CheckpointException) as err:
-                self.checkpoints.abandon(step)
-                raise save_failed(step, self.checkpoints.directory, err) from None
+        if self.checkpoints is not None:
+            self.checkpoints.finish_pending()
 
     def load_checkpoint(self, directory: Path) -> int:
         """Restore model, optimizer and schedule from `directory`; returns its step."""
-        step = self.checkpointer.load(directory, self)
+        step = self.checkpointer.load(directory, self.train_state)
         self.lr_scheduler.last_epoch = step
         for group, base in zip(self.optimizer.param_groups, self.lr_scheduler.base_lrs,
                                strict=True):

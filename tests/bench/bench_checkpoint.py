@@ -17,7 +17,7 @@ enough that I/O dominates), after warm-up steps so that AdamW has its state:
    fraction of the comparable raw one;
 4. asynchronous save (`checkpoint.async=true`): how long `save_checkpoint` blocks
    the caller (the staging copies, each also timed alone), when the background
-   write is done, the commit in `finish_pending_save`; and the time of training
+   write is done, the commit in `CheckpointManager.finish_pending`; and the time of training
    steps run while the write is in flight against steps without it;
 5. dp=2 with `parallel.zero1=true` on forked gloo ranks (tests.conftest
    .run_distributed, one thread each): per-rank save, file size and load.
@@ -173,7 +173,8 @@ def bench_sync(trainer: Trainer, repeats: int) -> dict:
         drop_page_cache(path)
         out["load_cold"].append(seconds(load))
     with_master = any(k.endswith(".master") for k in checkpoint_keys(path))
-    out["dcp_read"] = [seconds(lambda: dcp.load(empty_like_state(trainer, True, with_master),
+    state = trainer.train_state
+    out["dcp_read"] = [seconds(lambda: dcp.load(empty_like_state(state, True, with_master),
                                                 checkpoint_id=str(path), no_dist=True))
                        for _ in range(repeats)]
     return out
@@ -213,7 +214,7 @@ def bench_staging(trainer: Trainer, repeats: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"state_dict": [], "dcp_stager": []}
     for _ in range(repeats):
         start = time.perf_counter()
-        state = state_dict(trainer, 0)
+        state = state_dict(trainer.train_state, 0)
         t1 = time.perf_counter()
         stager = DefaultStager(StagingOptions(False, False, False, False))
         stager.stage(state)
@@ -238,7 +239,7 @@ def bench_async(trainer: Trainer, repeats: int, steps: int) -> dict:
         start = time.perf_counter()
         trainer.save_checkpoint(step)
         out["blocking"].append(trainer.save_blocking_s[-1])
-        future = trainer.pending_save[0]
+        future = trainer.checkpoints.pending[0]
         future.add_done_callback(lambda _: written.append(time.perf_counter() - start))
         return start
 
@@ -251,7 +252,7 @@ def bench_async(trainer: Trainer, repeats: int, steps: int) -> dict:
 
     for r in range(repeats):  # the loop goes on while the write runs
         save(3000 + r)
-        future = trainer.pending_save[0]
+        future = trainer.checkpoints.pending[0]
         for i in range(steps):
             in_flight = not future.done()
             batch = trainer.train_batches.step(i)
@@ -278,11 +279,11 @@ def bench_dp_rank(rank: int, world_size: int, cfg: DictConfig, run_dir: str, rep
     loads = []
     for _ in range(repeats):
         dist.barrier()
-        gather.append(seconds(lambda: state_dict(trainer, 0)))
+        gather.append(seconds(lambda: state_dict(trainer.train_state, 0)))
     for _ in range(repeats):
         dist.barrier()
         loads.append(seconds(lambda: trainer.load_checkpoint(path)))
-    state = state_dict(trainer, 0)
+    state = state_dict(trainer.train_state, 0)
     return {"save": trainer.save_blocking_s, "dcp_write": timings["save"],
             "commit": timings["commit"], "gather": gather, "load": loads,
             "file_bytes": (path / f"__{rank}_0.distcp").stat().st_size,

@@ -171,7 +171,7 @@ def zero_save(rank: int, world_size: int, run_dir: str) -> dict:
     counted, undo = device_all_gathers()
     try:
         trainer.save_checkpoint(11)
-        staged = state_dict(trainer, 11)
+        staged = state_dict(trainer.train_state, 11)
     finally:
         undo()
     return {"gathers": counted,
@@ -194,7 +194,7 @@ def loaded_optimizer_state(rank: int, world_size: int, checkpoint: str, referenc
     finally:
         undo()
     assert counted == []  # no rank gathers the state to load its part of it
-    keys = {id(p): key for key, p in named_parameters(trainer)}
+    keys = {id(p): key for key, p in named_parameters(trainer.train_state)}
 
     def mine(p, tensor):  # this rank's tp block of a logical tensor
         if hasattr(p, "tp_shard"):
@@ -217,7 +217,7 @@ def loaded_optimizer_state(rank: int, world_size: int, checkpoint: str, referenc
                     assert torch.equal(held[part.offset:part.offset + part.numel], expected)
                     checked += part.numel
     else:
-        for key, p in named_parameters(trainer):
+        for key, p in named_parameters(trainer.train_state):
             for name in ("exp_avg", "exp_avg_sq"):
                 expected = mine(p, full[f"optim.{key}.{name}"])
                 assert torch.equal(trainer.optimizer.state[p][name].reshape(-1), expected)

@@ -39,7 +39,7 @@ def test_xla_saves_and_resumes_bitwise(tmp_path, overrides):
     # The last checkpoint holds the trained weights exactly (read by DCP's converter).
     dcp_to_torch_save(checkpoints / step_dir_name(6), tmp_path / "flat.pt")
     saved = torch.load(tmp_path / "flat.pt", weights_only=True)
-    trained = {key: p.detach().cpu() for key, p in named_parameters(straight)}
+    trained = {key: p.detach().cpu() for key, p in named_parameters(straight.train_state)}
     for key, weight in trained.items():
         assert torch.equal(saved[f"model.{key}"], weight), key
     if "train.precision=bf16" in overrides:
@@ -50,7 +50,7 @@ def test_xla_saves_and_resumes_bitwise(tmp_path, overrides):
                            f"checkpoint.resume={checkpoints / step_dir_name(3)}")
     assert sorted(again) == [4, 5, 6]
     assert all(again[s] == losses[s] for s in again)  # bitwise
-    for key, p in named_parameters(resumed):
+    for key, p in named_parameters(resumed.train_state):
         assert torch.equal(p.detach().cpu(), trained[key]), key
 
 

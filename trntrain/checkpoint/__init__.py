@@ -4,13 +4,40 @@ through the `trntrain.checkpoint` entry point group with a Checkpointer subclass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
 
 from trntrain.plugins import Registry
 
 if TYPE_CHECKING:
-    from trntrain.trainer import Trainer
+    from trntrain.data import StepBatches
+    from trntrain.parallel import Mesh
+    from trntrain.parallel.comm import Group
+    from trntrain.parallel.zero import ShardedOptimizer
+
+
+@dataclass
+class TrainState:
+    """What a checkpointer writes and reads, handed to it by the trainer (never the
+    trainer itself): the model chunks and their parameters, the optimizer (and its
+    sharded layout, if any), the data position, and the layout the shards live in."""
+
+    model_cfg: DictConfig
+    chunks: dict[int, nn.Module]  # this rank's pipeline chunks by global index
+    params: list[nn.Parameter]  # trainable, each once
+    optimizer: torch.optim.Optimizer  # the torch optimizer: per-parameter state
+    sharded: ShardedOptimizer | None  # ZeRO-1 / master weights: flat fp32 slices
+    data: StepBatches  # the training data position
+    global_batch_size: int
+    mesh: Mesh
+    host_tp_group: Group  # a gloo copy of the tp group, for DCP's DeviceMesh
+    is_main: bool
+    async_save: bool
 
 
 class PendingSave(Protocol):
@@ -28,11 +55,11 @@ class Checkpointer(ABC):
     resumable: ClassVar[bool] = True
 
     @abstractmethod
-    def save(self, directory: Path, trainer: Trainer, step: int) -> PendingSave | None:
+    def save(self, directory: Path, train: TrainState, step: int) -> PendingSave | None:
         """Write the state; an asynchronous save returns what completes it."""
 
     @abstractmethod
-    def load(self, directory: Path, trainer: Trainer) -> int:
+    def load(self, directory: Path, train: TrainState) -> int:
         """Restore the state; returns the step it was saved at."""
 
 
@@ -41,10 +68,10 @@ class NoCheckpointer(Checkpointer):
 
     resumable = False
 
-    def save(self, directory: Path, trainer: Trainer, step: int) -> PendingSave | None:
+    def save(self, directory: Path, train: TrainState, step: int) -> PendingSave | None:
         return None
 
-    def load(self, directory: Path, trainer: Trainer) -> int:
+    def load(self, directory: Path, train: TrainState) -> int:
         raise FileNotFoundError(f"checkpoint=none never writes checkpoints, none in {directory}")
 
 

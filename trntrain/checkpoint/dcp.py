@@ -47,7 +47,7 @@ from trntrain.errors import UserError
 from trntrain.models import build_model
 
 if TYPE_CHECKING:
-    from trntrain.trainer import Trainer
+    from trntrain.checkpoint import TrainState
 
 MODEL_CONFIG = "model.yaml"
 COORDINATOR = 0  # rank of the host group that plans and writes `.metadata`, as in dcp.save
@@ -306,28 +306,28 @@ class DcpSave:
 
 
 class DcpCheckpointer(Checkpointer):
-    def save(self, directory: Path, trainer: Trainer, step: int) -> DcpSave | None:
-        if trainer.world.is_main:
+    def save(self, directory: Path, train: TrainState, step: int) -> DcpSave | None:
+        if train.is_main:
             # The model's shape travels with the weights, for `trntrain convert`.
-            OmegaConf.save(trainer.cfg.model, directory / MODEL_CONFIG)
-        background = bool(trainer.cfg.checkpoint["async"])
+            OmegaConf.save(train.model_cfg, directory / MODEL_CONFIG)
+        background = bool(train.async_save)
         # An asynchronous save writes while training changes the weights: private copies.
-        save = DcpSave(state_dict(trainer, step, private=background), directory, step)
+        save = DcpSave(state_dict(train, step, private=background), directory, step)
         save.start(background)
         if background:
             return save
         save.result()
         return None
 
-    def load(self, directory: Path, trainer: Trainer) -> int:
+    def load(self, directory: Path, train: TrainState) -> int:
         metadata = read_checkpoint_metadata(directory)
         keys = set(metadata.state_dict_metadata)
         with_optimizer = any(k.endswith(".exp_avg") for k in keys)
         with_master = any(k.endswith(".master") for k in keys)
-        state = empty_like_state(trainer, with_optimizer, with_master)
+        state = empty_like_state(train, with_optimizer, with_master)
         if "data.consumed_samples" not in keys:  # saved before positions were recorded
             del state["data.consumed_samples"]
-        check_fits(directory, metadata, state, trainer.cfg.model)
+        check_fits(directory, metadata, state, train.model_cfg)
         try:
             dcp.load(state, storage_reader=MetadataSafeReader(str(directory)),
                      process_group=host_group(), no_dist=not dist.is_initialized())
@@ -340,4 +340,4 @@ class DcpCheckpointer(Checkpointer):
             first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             raise UserError(f"checkpoint {directory} could not be read ({first}); valid: a "
                             f"complete checkpoint as trntrain wrote it.") from None
-        return apply_state(trainer, state, with_optimizer)
+        return apply_state(train, state, with_optimizer)

@@ -28,22 +28,22 @@ from trntrain.models import family_of
 from trntrain.parallel.comm import all_gather_dim
 
 if TYPE_CHECKING:
-    from trntrain.trainer import Trainer
+    from trntrain.checkpoint import TrainState
 
 INDEX = "model.safetensors.index.json"
-def full_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+def full_tensors(train: TrainState) -> dict[str, torch.Tensor]:
     """This rank's parameters with tp shards gathered, under their HF names (collective
     over the tp group)."""
     out = {}
-    tied = trainer.cfg.model.tie_embeddings
-    to_hf_name = family_of(trainer.cfg.model).hf.to_hf_name
-    for chunk in trainer.chunks.values():
+    tied = train.model_cfg.tie_embeddings
+    to_hf_name = family_of(train.model_cfg).hf.to_hf_name
+    for chunk in train.chunks.values():
         for name, p in chunk.named_parameters():
             if tied and name == "output.weight":
                 continue  # HF ties lm_head to the embedding
             tensor = p.detach()
             if hasattr(p, "tp_shard"):
-                tensor = all_gather_dim(tensor, p.tp_shard[0], trainer.mesh.tp_group)
+                tensor = all_gather_dim(tensor, p.tp_shard[0], train.mesh.tp_group)
             out[to_hf_name(name)] = tensor.cpu().contiguous()
     return out
 
@@ -74,29 +74,29 @@ def write_hf_metadata(directory: Path, weight_map: dict[str, str], model: DictCo
 class HfCheckpointer(Checkpointer):
     resumable = False
 
-    def save(self, directory: Path, trainer: Trainer, step: int) -> None:
+    def save(self, directory: Path, train: TrainState, step: int) -> None:
         """Synchronous whatever checkpoint.async says: the gathers are collectives."""
         from safetensors.torch import save_file
 
-        tensors = full_tensors(trainer)
-        mesh, stages = trainer.mesh, trainer.mesh.dims.pp
+        tensors = full_tensors(train)
+        mesh, stages = train.mesh, train.mesh.dims.pp
         name = ("model.safetensors" if stages == 1
                 else f"model-{mesh.pp_rank + 1:05d}-of-{stages:05d}.safetensors")
         if mesh.tp_rank == 0 and mesh.dp_rank == 0:
             save_file(tensors, str(directory / name), metadata={"format": "pt"})
         barrier()  # over gloo: an xla group's barrier returns at once
-        if trainer.world.is_main:
+        if train.is_main:
             from safetensors import safe_open
 
             weight_map = {}
             for path in sorted(directory.glob("*.safetensors")):
                 with safe_open(str(path), framework="pt") as f:
                     weight_map.update(dict.fromkeys(f.keys(), path.name))
-            write_hf_metadata(directory, weight_map, trainer.cfg.model, trainer.params[0].dtype,
+            write_hf_metadata(directory, weight_map, train.model_cfg, train.params[0].dtype,
                               {"step": step})
 
-    def load(self, directory: Path, trainer: Trainer) -> int:
-        load_hf_weights(directory, trainer.chunks.values(), trainer.cfg.model)
+    def load(self, directory: Path, train: TrainState) -> int:
+        load_hf_weights(directory, train.chunks.values(), train.model_cfg)
         return 0
 
 

@@ -21,12 +21,18 @@ import logging
 import os
 import shutil
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trntrain.distributed import barrier, broadcast_object
 from trntrain.errors import UserError
+
+if TYPE_CHECKING:
+    from trntrain.checkpoint import Checkpointer, PendingSave, TrainState
 
 logger = logging.getLogger("trntrain")
 
@@ -172,6 +178,41 @@ class CheckpointManager:
         self.every = every
         self.keep = keep
         self.is_main = is_main
+        # An asynchronous save under way and its step: committed by `finish_pending`.
+        self.pending: tuple[PendingSave, int] | None = None
+
+    def save(self, step: int, checkpointer: Checkpointer, state: TrainState,
+             midway: Callable[[], None] = lambda: None) -> None:
+        """Write a checkpoint of `step` with `checkpointer` (every rank): the save before
+        it completed first, this one committed now or, if asynchronous, by the next
+        `finish_pending`. `midway` runs between writing and committing (fault tests).
+        A save that cannot be written is one UserError; its `.tmp` is removed."""
+        self.finish_pending()
+        try:
+            directory = self.begin(step)
+            pending = checkpointer.save(directory, state, step)
+            midway()
+            if pending is None:
+                self.commit(step)
+        except (OSError, CheckpointException) as err:
+            self.abandon(step)
+            raise save_failed(step, self.directory, err) from None
+        if pending is not None:
+            self.pending = (pending, step)
+
+    def finish_pending(self) -> None:
+        """Complete and commit the asynchronous save under way, if any (every rank, on the
+        training thread: completing it is collective)."""
+        if self.pending is None:
+            return
+        pending, step = self.pending
+        self.pending = None
+        try:
+            pending.result()
+            self.commit(step)
+        except (OSError, CheckpointException) as err:
+            self.abandon(step)
+            raise save_failed(step, self.directory, err) from None
 
     def should_save(self, step: int, max_steps: int) -> bool:
         return step == max_steps or (self.every > 0 and step % self.every == 0)

@@ -40,7 +40,7 @@ from torch import nn
 from trntrain.parallel.zero import MOMENTS, SlicePart
 
 if TYPE_CHECKING:
-    from trntrain.trainer import Trainer
+    from trntrain.checkpoint import TrainState
 
 # A box of a tensor: (offsets, sizes, index of its first element in the flattened tensor).
 Box = tuple[tuple[int, ...], tuple[int, ...], int]
@@ -50,12 +50,12 @@ def param_key(name: str, tied: bool) -> str:
     return "tok_embeddings.weight" if tied and name == "output.weight" else name
 
 
-def named_parameters(trainer: Trainer) -> list[tuple[str, nn.Parameter]]:
+def named_parameters(train: TrainState) -> list[tuple[str, nn.Parameter]]:
     """Every parameter this rank holds, by its name in the plain model (tied head
     under the embedding's name)."""
-    tied = trainer.cfg.model.tie_embeddings
+    tied = train.model_cfg.tie_embeddings
     out, seen = [], set()
-    for chunk in trainer.chunks.values():
+    for chunk in train.chunks.values():
         for name, p in chunk.named_parameters():
             if id(p) not in seen:
                 seen.add(id(p))
@@ -121,14 +121,14 @@ def _device_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 class _Layout:
     """How this rank's tensors map onto the logical ones, as DCP objects on the host."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, train: TrainState) -> None:
         self.mesh = None
-        group = trainer.host_tp_group
+        group = train.host_tp_group
         if group is not None:
             from torch.distributed.device_mesh import DeviceMesh
 
             self.mesh = DeviceMesh.from_group(group, "cpu")
-        self.dp = trainer.sharded.dp if trainer.sharded is not None else 1
+        self.dp = train.sharded.dp if train.sharded is not None else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
 
@@ -199,25 +199,25 @@ def _is_duplicate(p: nn.Parameter) -> bool:
     return getattr(p, "pp_duplicate", False)
 
 
-def _scalars(trainer: Trainer, step: int) -> dict[str, torch.Tensor]:
+def _scalars(train: TrainState, step: int) -> dict[str, torch.Tensor]:
     count = 0.0
-    for s in trainer.optimizer.state.values():
+    for s in train.optimizer.state.values():
         if "step" in s:
             count = float(s["step"])
             break
     return {
         "trainer.step": torch.tensor(step, dtype=torch.int64),
         "optim.step": torch.tensor(count, dtype=torch.float32),
-        "data.consumed_samples": torch.tensor(trainer.train_batches.consumed_samples(step),
+        "data.consumed_samples": torch.tensor(train.data.consumed_samples(step),
                                               dtype=torch.int64),
     }
 
 
-def state_dict(trainer: Trainer, step: int, private: bool = False) -> dict[str, Any]:
+def state_dict(train: TrainState, step: int, private: bool = False) -> dict[str, Any]:
     """What a checkpoint holds, on the host. `private`: copies that nothing else
     changes (for an asynchronous save); else CPU tensors may be the live ones."""
-    layout = _Layout(trainer)
-    params = named_parameters(trainer)
+    layout = _Layout(train)
+    params = named_parameters(train)
     keys = {id(p): key for key, p in params}
     # Every device tensor to copy, and what becomes of its host copy.
     sources: list[torch.Tensor] = []
@@ -225,7 +225,7 @@ def state_dict(trainer: Trainer, step: int, private: bool = False) -> dict[str, 
     for key, p in params:
         sources.append(p.detach())
         builders.append(lambda host, key=key, p=p: {f"model.{key}": layout.tp_tensor(p, host)})
-    sharded = trainer.sharded
+    sharded = train.sharded
     if sharded is not None:
         for b in sharded.buckets:
             parts = [part for part in sharded.slice_parts(b) if not _is_duplicate(part.param)]
@@ -236,23 +236,23 @@ def state_dict(trainer: Trainer, step: int, private: bool = False) -> dict[str, 
                         part, host[part.offset:part.offset + part.numel]) for part in parts})
     else:
         for key, p in params:
-            state = trainer.optimizer.state.get(p, {})
+            state = train.optimizer.state.get(p, {})
             for name in MOMENTS:
                 if name in state and not _is_duplicate(p):
                     sources.append(state[name])
                     builders.append(lambda host, key=key, p=p, name=name: {
                         f"optim.{key}.{name}": layout.tp_tensor(p, host)})
-    out: dict[str, Any] = _scalars(trainer, step)
+    out: dict[str, Any] = _scalars(train, step)
     for build, host in zip(builders, to_host(sources, private), strict=True):
         out.update(build(host))
     return out
 
 
-def empty_like_state(trainer: Trainer, with_optimizer: bool = True,
+def empty_like_state(train: TrainState, with_optimizer: bool = True,
                      with_master: bool = True) -> dict[str, Any]:
     """Host tensors of this rank's layout for DCP to load into (its chunks only)."""
-    layout = _Layout(trainer)
-    params = named_parameters(trainer)
+    layout = _Layout(train)
+    params = named_parameters(train)
     keys = {id(p): key for key, p in params}
     out: dict[str, Any] = {
         "trainer.step": torch.zeros((), dtype=torch.int64),
@@ -263,7 +263,7 @@ def empty_like_state(trainer: Trainer, with_optimizer: bool = True,
         out[f"model.{key}"] = layout.tp_tensor(p, torch.empty(p.shape, dtype=p.dtype))
     if not with_optimizer:
         return out
-    sharded = trainer.sharded
+    sharded = train.sharded
     if sharded is not None:
         names = MOMENTS + (("master",) if with_master else ())
         for b in sharded.buckets:
@@ -290,21 +290,21 @@ def local(tensor: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_state(trainer: Trainer, loaded: dict[str, Any], with_optimizer: bool = True) -> int:
+def apply_state(train: TrainState, loaded: dict[str, Any], with_optimizer: bool = True) -> int:
     """Copy a loaded (host) state onto the trainer's model and optimizer; returns the step."""
     step = int(loaded["trainer.step"])
     # The data position: where the run that saved it would have read next.
     consumed = loaded.get("data.consumed_samples")
-    trainer.train_batches.resume(step, int(consumed) if consumed is not None
-                                 else step * trainer.cfg.train.global_batch_size)
-    params = named_parameters(trainer)
+    train.data.resume(step, int(consumed) if consumed is not None
+                                 else step * train.global_batch_size)
+    params = named_parameters(train)
     weights = {key: local(loaded[f"model.{key}"]) for key, _ in params}
     for key, p in params:
         p.copy_(weights[key])
     if not with_optimizer:
         return step
     count = float(loaded["optim.step"])
-    sharded = trainer.sharded
+    sharded = train.sharded
     if sharded is not None:
         keys = {id(p): key for key, p in params}
         slices = []
@@ -324,7 +324,7 @@ def apply_state(trainer: Trainer, loaded: dict[str, Any], with_optimizer: bool =
         sharded.load_state_slices(slices, count)
     else:
         for key, p in params:
-            trainer.optimizer.state[p] = {
+            train.optimizer.state[p] = {
                 "step": torch.tensor(count, dtype=torch.float32),
                 **{m: local(loaded[f"optim.{key}.{m}"]).to(p.device, p.dtype) for m in MOMENTS},
             }
