@@ -14,12 +14,13 @@ from trntrain.models.llama.model import Attention, Llama, LlamaArgs, Transformer
 from trntrain.models.llama.parallelize import parallelize_llama
 
 
-def llama_args(model_cfg: DictConfig) -> LlamaArgs:
+def llama_args(model_cfg: DictConfig, args_class: type[LlamaArgs] = LlamaArgs) -> LlamaArgs:
+    """The args dataclass of a model config (`args_class`: a family's subclass)."""
     fields = OmegaConf.to_container(model_cfg, resolve=True)
     for key in ("name", "family"):
         fields.pop(key, None)
     scaling = fields.pop("rope_scaling", None)
-    return LlamaArgs(**fields, rope_scaling=RopeScaling(**scaling) if scaling else None)
+    return args_class(**fields, rope_scaling=RopeScaling(**scaling) if scaling else None)
 
 
 def keep_chunk(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from trntrain.models.layers import RMSNorm
 from trntrain.parallel.comm import Group, group_size
 from trntrain.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -62,9 +63,10 @@ def parallelize_llama(model: nn.Module, tp_group: Group, sequence_parallel: bool
     for layer in model.layers.values():
         parallelize_attention(layer.attention, tp_group, sp, args.kv_heads, args.head_dim)
         parallelize_mlp(layer.feed_forward, tp_group, sp)
-        if sp:
-            layer.attention_norm.weight.tp_grad_reduce = True
-            layer.ffn_norm.weight.tp_grad_reduce = True
+        if sp:  # the block's own norms (not those inside attention) see a sequence shard
+            for norm in layer.children():
+                if isinstance(norm, RMSNorm):
+                    norm.weight.tp_grad_reduce = True
     if sp:
         model.norm.weight.tp_grad_reduce = True
     model.output = ColumnParallelLinear(model.output, tp_group, sp)

@@ -3,11 +3,12 @@ QK-norm added, and a Hugging Face adapter for `Qwen3ForCausalLM`, bundled as `FA
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+import dataclasses
 
-from trntrain.models.family import ModelFamily
-from trntrain.models.layers import RopeScaling
-from trntrain.models.llama import keep_chunk
+from omegaconf import DictConfig
+
+from trntrain.models.llama import FAMILY as LLAMA
+from trntrain.models.llama import llama_args
 from trntrain.models.qwen3 import costs
 from trntrain.models.qwen3.hf import QWEN3_HF
 from trntrain.models.qwen3.model import Qwen3, Qwen3Args, Qwen3Attention, Qwen3Block
@@ -15,24 +16,13 @@ from trntrain.models.qwen3.parallelize import parallelize_qwen3
 
 
 def qwen3_args(model_cfg: DictConfig) -> Qwen3Args:
-    fields = OmegaConf.to_container(model_cfg, resolve=True)
-    for key in ("name", "family"):
-        fields.pop(key, None)
-    scaling = fields.pop("rope_scaling", None)
-    return Qwen3Args(**fields, rope_scaling=RopeScaling(**scaling) if scaling else None)
+    return llama_args(model_cfg, Qwen3Args)
 
 
-FAMILY = ModelFamily(
-    name="qwen3",
-    build=lambda model_cfg: Qwen3(qwen3_args(model_cfg)),
-    parallelize=parallelize_qwen3,
-    # A chunk keeps layers, embedding, norm and head exactly as Llama's does.
-    keep_chunk=keep_chunk,
-    layer_costs=costs.layer_costs,
-    head_cost=costs.head_cost,
-    flops_per_token=costs.flops_per_token,
-    layer_params=costs.layer_params,
-    hf=QWEN3_HF,
-)
+# Llama's bundle with what QK-norm changes; a chunk is cut exactly as Llama's.
+FAMILY = dataclasses.replace(
+    LLAMA, name="qwen3", build=lambda model_cfg: Qwen3(qwen3_args(model_cfg)),
+    parallelize=parallelize_qwen3, layer_costs=costs.layer_costs, head_cost=costs.head_cost,
+    flops_per_token=costs.flops_per_token, layer_params=costs.layer_params, hf=QWEN3_HF)
 
 __all__ = ["FAMILY", "Qwen3", "Qwen3Args", "Qwen3Attention", "Qwen3Block", "qwen3_args"]
