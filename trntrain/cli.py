@@ -39,6 +39,10 @@ commands:
            configured cluster, without running it; plan.search=true ranks every layout
            that fits; plan.format=json
   models   list the model sizes of conf/model with their parameter counts
+  generate PATH --prompt TEXT | --messages FILE [--max-new-tokens N] [--temperature T]
+           [--top-p P] [--seed S] [--tokenizer T] [--tp N]: text from a Hugging Face model
+           directory or a run's latest checkpoint (torchrun -m trntrain generate ... --tp N
+           for several ranks)
 
 Run `trntrain train --help` for the config groups and keys."""
 
@@ -217,6 +221,12 @@ def prepare_command(argv: list[str]) -> None:
                         if result.skipped_lines else ""))
 
 
+def generate_command(argv: list[str]) -> None:
+    from trntrain.generate import generate_main
+
+    generate_main(argv)
+
+
 def report_command(argv: list[str]) -> None:
     import argparse
 
@@ -364,6 +374,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "launch": launch_command,
     "plan": plan_command,
     "models": models_command,
+    "generate": generate_command,
 }
 
 if __name__ == "__main__":

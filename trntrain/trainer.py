@@ -24,15 +24,24 @@ from torch import nn
 from tqdm import tqdm
 
 from trntrain.backend import Backend, build_backend
-from trntrain.checkpoint import CHECKPOINTERS, TrainState
+from trntrain.checkpoint import CHECKPOINTERS, States
 from trntrain.checkpoint.hf import load_hf_weights
 from trntrain.checkpoint.manager import (
     CheckpointManager,
     checkpoint_dir,
     verify_checksums_agreed,
 )
+from trntrain.checkpoint.state import (
+    DataState,
+    HostLayout,
+    LRScheduleState,
+    ModelState,
+    OptimizerState,
+    Progress,
+)
 from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
+from trntrain.data.base import IGNORE_INDEX
 from trntrain.distributed import World, host_copy, host_group
 from trntrain.faults import (
     NonFiniteError,
@@ -64,12 +73,13 @@ logger = logging.getLogger("trntrain")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    """Next-token cross-entropy summed over the trained labels (not IGNORE_INDEX), in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum",
+                           ignore_index=IGNORE_INDEX)
 
 
 def build_loss_fn(last_chunk: nn.Module | None, mesh: Mesh) -> Callable:
-    """Cross-entropy on full logits, or on this rank's vocabulary slice under tp."""
+    """Summed cross-entropy on full logits, or on this rank's vocabulary slice under tp."""
     if mesh.tp_group is None or last_chunk is None:
         return causal_lm_loss
     return lambda logits, labels: vocab_parallel_cross_entropy(
@@ -179,20 +189,26 @@ class Trainer:
         # neuron_parallel_compile only needs each graph traced once.
         self.max_steps = min(t.max_steps, self.backend.step_limit() or t.max_steps)
         self.pipeline = self.build_pipeline() if dims.pp > 1 else None
-        self.checkpointer = CHECKPOINTERS[cfg.checkpoint.name]()
-        self.step = 0  # the optimizer step being taken (1-based)
+        self.checkpointer = CHECKPOINTERS[cfg.checkpoint.name](cfg.checkpoint)
+        self.progress = Progress()  # the optimizer step being taken (1-based)
         self.skipped_steps: list[int] = []
         # Host seconds per phase since the last metrics record (on a lazy backend: the
         # time to trace, not to run).
         self.phase_s: dict[str, float] = defaultdict(float)
         self.save_blocking_s: list[float] = []
-        # What checkpointers save and restore: they receive this, never the trainer.
-        self.train_state = TrainState(
-            model_cfg=cfg.model, chunks=self.chunks, params=self.params,
-            optimizer=self.optimizer, sharded=self.sharded, data=self.train_batches,
-            global_batch_size=t.global_batch_size, mesh=self.mesh,
-            host_tp_group=self.host_tp_group, is_main=world.is_main,
-            async_save=bool(cfg.checkpoint["async"]))
+        # What checkpointers save and restore, part by part (the step first: the others'
+        # loading reads it); they receive these, never the trainer.
+        model_state = ModelState(cfg.model, self.chunks, self.mesh,
+                                 HostLayout(self.host_tp_group,
+                                            self.sharded.dp if self.sharded else 1))
+        self.states: States = {
+            "trainer": self.progress,
+            "model": model_state,
+            "optimizer": OptimizerState(self.optimizer, self.sharded, model_state),
+            "lr_schedule": LRScheduleState(self.lr_scheduler, cfg.optim, t.max_steps,
+                                           self.progress),
+            "data": DataState(self.train_batches, self.progress),
+        }
         self.checkpoints = None
         if run_dir is not None and cfg.checkpoint.name != "none":
             self.checkpoints = CheckpointManager(checkpoint_dir(cfg, run_dir),
@@ -230,7 +246,7 @@ class Trainer:
         done, at the next save or at the end of training)."""
         start = time.perf_counter()
         with self.timed("checkpoint"):
-            self.checkpoints.save(step, self.checkpointer, self.train_state,
+            self.checkpoints.save(step, self.checkpointer, self.states,
                                   lambda: inject_fault("save", step, self.world))
         self.save_blocking_s.append(time.perf_counter() - start)
 
@@ -239,13 +255,17 @@ class Trainer:
             self.checkpoints.finish_pending()
 
     def load_checkpoint(self, directory: Path) -> int:
-        """Restore model, optimizer and schedule from `directory`; returns its step."""
-        step = self.checkpointer.load(directory, self.train_state)
-        self.lr_scheduler.last_epoch = step
-        for group, base in zip(self.optimizer.param_groups, self.lr_scheduler.base_lrs,
-                               strict=True):
-            group["lr"] = base * lr_factor(step, self.cfg.optim, self.cfg.train.max_steps)
-        return step
+        """Restore every part of the state from `directory`; returns its step."""
+        self.checkpointer.load(directory, self.states)
+        return self.progress.step
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
 
     def resume_step(self) -> int:
         """The step to start from: that of the checkpoint checkpoint.resume names, or 0."""
@@ -319,28 +339,41 @@ class Trainer:
         self.skipped_steps.append(self.step)
         return True
 
-    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
-        """Accumulate the gradient of the mean loss, reduced over tp, tied stages and dp.
+    def trained_tokens(self, micro_batches: list[Batch]) -> torch.Tensor | None:
+        """The labels the loss counts in the global batch, divided by dp: each rank's
+        summed loss over it is its share of the mean over all of them, whatever the
+        number of micro-batches and their masks (None on stages without labels)."""
+        if not micro_batches[0].labels.numel():
+            return None
+        count = sum((b.labels != IGNORE_INDEX).sum() for b in micro_batches).float()
+        if self.mesh.dp_group is not None:
+            count = all_reduce(count, self.mesh.dp_group)
+        return count / self.mesh.dims.dp
 
-        Returns the mean loss (under pipelining: on the last stage, zero elsewhere)."""
+    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """Accumulate the gradient of the mean loss over the global batch's trained tokens,
+        reduced over tp, tied stages and dp.
+
+        Returns this rank's share of that loss (under pipelining: on the last stage, zero
+        elsewhere)."""
+        tokens = self.trained_tokens(micro_batches)
         if self.pipeline is not None:
-            mean_loss = self.pipeline.forward_backward(micro_batches)
+            mean_loss = self.pipeline.forward_backward(micro_batches, tokens)
             # The pipeline times itself: its waits for neighbours are the bubble.
             self.phase_s["forward_backward"] += self.pipeline.compute_s
             self.phase_s["pipeline_wait"] += self.pipeline.step_s - self.pipeline.compute_s
         else:
             with self.timed("forward_backward"):
-                accumulation = len(micro_batches)
-                loss_sum = torch.zeros((), device=self.backend.device)
-                for inputs, labels in micro_batches:
+                mean_loss = torch.zeros((), device=self.backend.device)
+                for batch in micro_batches:
                     with self.backend.autocast(self.cfg.train.precision):
-                        loss = self.loss_fn(self.model(inputs), labels)
-                    (loss / accumulation).backward()
-                    loss_sum += loss.detach()
+                        logits = self.model(batch.inputs, **batch.model_kwargs())
+                        loss = self.loss_fn(logits, batch.labels) / tokens
+                    loss.backward()
+                    mean_loss += loss.detach()
                     # One graph per micro-batch, the same for each but the first (which
                     # creates the gradients): its size does not grow with the count.
                     self.backend.cut_graph()
-                mean_loss = loss_sum / accumulation
         with self.timed("grad_sync"):
             self.tp_grad_reducer.reduce()
             self.tied_grad_reducer.reduce()
@@ -355,12 +388,14 @@ class Trainer:
         total = torch.zeros((), device=self.backend.device)
         batches = self.val_batches.steps(0, self.cfg.train.eval_batches)
         for micro_batches in self.backend.batches(batches):
+            tokens = self.trained_tokens(micro_batches)
             if self.pipeline is not None:
-                total += self.pipeline.forward(micro_batches)
+                total += self.pipeline.forward(micro_batches, tokens)
                 continue
-            for inputs, labels in micro_batches:
+            for batch in micro_batches:
                 with self.backend.autocast(self.cfg.train.precision):
-                    total += self.loss_fn(self.model(inputs), labels) / len(micro_batches)
+                    logits = self.model(batch.inputs, **batch.model_kwargs())
+                    total += self.loss_fn(logits, batch.labels) / tokens
                 # One small graph per micro-batch, the same each time.
                 self.backend.cut_graph()
         for chunk in self.chunks.values():

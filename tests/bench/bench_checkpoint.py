@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from tests.conftest import run_distributed
 from trntrain.checkpoint.dcp import checkpoint_keys
 from trntrain.checkpoint.manager import step_dir_name
-from trntrain.checkpoint.state import empty_like_state, state_dict
+from trntrain.checkpoint.state import empty_state_dict, host_state_dict
 from trntrain.config import compose
 from trntrain.distributed import World
 from trntrain.trainer import Trainer
@@ -172,10 +172,13 @@ def bench_sync(trainer: Trainer, repeats: int) -> dict:
     for _ in range(repeats):
         drop_page_cache(path)
         out["load_cold"].append(seconds(load))
-    with_master = any(k.endswith(".master") for k in checkpoint_keys(path))
-    state = trainer.train_state
-    out["dcp_read"] = [seconds(lambda: dcp.load(empty_like_state(state, True, with_master),
-                                                checkpoint_id=str(path), no_dist=True))
+    saved = checkpoint_keys(path)
+
+    def request() -> dict:
+        return {k: v for k, v in empty_state_dict(trainer.states).items() if k in saved}
+
+    out["dcp_read"] = [seconds(lambda: dcp.load(request(), checkpoint_id=str(path),
+                                                no_dist=True))
                        for _ in range(repeats)]
     return out
 
@@ -214,7 +217,7 @@ def bench_staging(trainer: Trainer, repeats: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"state_dict": [], "dcp_stager": []}
     for _ in range(repeats):
         start = time.perf_counter()
-        state = state_dict(trainer.train_state, 0)
+        state = host_state_dict(trainer.states)
         t1 = time.perf_counter()
         stager = DefaultStager(StagingOptions(False, False, False, False))
         stager.stage(state)
@@ -279,11 +282,11 @@ def bench_dp_rank(rank: int, world_size: int, cfg: DictConfig, run_dir: str, rep
     loads = []
     for _ in range(repeats):
         dist.barrier()
-        gather.append(seconds(lambda: state_dict(trainer.train_state, 0)))
+        gather.append(seconds(lambda: host_state_dict(trainer.states)))
     for _ in range(repeats):
         dist.barrier()
         loads.append(seconds(lambda: trainer.load_checkpoint(path)))
-    state = state_dict(trainer.train_state, 0)
+    state = host_state_dict(trainer.states)
     return {"save": trainer.save_blocking_s, "dcp_write": timings["save"],
             "commit": timings["commit"], "gather": gather, "load": loads,
             "file_bytes": (path / f"__{rank}_0.distcp").stat().st_size,

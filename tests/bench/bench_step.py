@@ -48,7 +48,7 @@ class BareLoop:
 
     def step(self, batches: Batches) -> torch.Tensor:
         loss_sum = 0.0
-        for inputs, labels in batches:
+        for inputs, labels, *_ in batches:
             logits = self.model(inputs)
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
             (loss / len(batches)).backward()

@@ -163,7 +163,7 @@ def device_all_gathers() -> tuple[list[int], object]:
 
 
 def zero_save(rank: int, world_size: int, run_dir: str) -> dict:
-    from trntrain.checkpoint.state import local, state_dict
+    from trntrain.checkpoint.state import host_state_dict, local
 
     trainer = Trainer(tiny_config(*BASE, *ZERO_DP3), World(rank, world_size, rank),
                       run_dir=Path(run_dir))
@@ -171,7 +171,7 @@ def zero_save(rank: int, world_size: int, run_dir: str) -> dict:
     counted, undo = device_all_gathers()
     try:
         trainer.save_checkpoint(11)
-        staged = state_dict(trainer.train_state, 11)
+        staged = host_state_dict(trainer.states)
     finally:
         undo()
     return {"gathers": counted,
@@ -184,8 +184,6 @@ def loaded_optimizer_state(rank: int, world_size: int, checkpoint: str, referenc
                            overrides: tuple[str, ...]) -> int:
     """Load `checkpoint` into this layout; compare every value this rank now holds with
     the full tensors DCP's own converter wrote to `reference`. Returns values checked."""
-    from trntrain.checkpoint.state import named_parameters
-
     full = torch.load(reference, weights_only=True)
     trainer = Trainer(tiny_config(*BASE, *overrides), World(rank, world_size, rank))
     counted, undo = device_all_gathers()
@@ -194,7 +192,7 @@ def loaded_optimizer_state(rank: int, world_size: int, checkpoint: str, referenc
     finally:
         undo()
     assert counted == []  # no rank gathers the state to load its part of it
-    keys = {id(p): key for key, p in named_parameters(trainer.train_state)}
+    keys = {id(p): key for key, p in trainer.states["model"].named_parameters()}
 
     def mine(p, tensor):  # this rank's tp block of a logical tensor
         if hasattr(p, "tp_shard"):
@@ -217,7 +215,7 @@ def loaded_optimizer_state(rank: int, world_size: int, checkpoint: str, referenc
                     assert torch.equal(held[part.offset:part.offset + part.numel], expected)
                     checked += part.numel
     else:
-        for key, p in named_parameters(trainer.train_state):
+        for key, p in trainer.states["model"].named_parameters():
             for name in ("exp_avg", "exp_avg_sq"):
                 expected = mine(p, full[f"optim.{key}.{name}"])
                 assert torch.equal(trainer.optimizer.state[p][name].reshape(-1), expected)

@@ -109,7 +109,7 @@ def test_invalid_values_name_key_and_valid_range(overrides, world_size, key, val
     [
         (["model=llama_foo"], "model=llama_foo is invalid: conf/model/ has no option "
                               "'llama_foo'; valid: one of llama2_13b,"),
-        (["data=parquet"], "valid: one of corpus, hf, indexed, jsonl, synthetic, text."),
+        (["data=parquet"], "valid: one of chat, corpus, hf, indexed, jsonl, synthetic, text."),
         (["model.heads=4"], "model.heads is not a key of model; valid keys of model: name,"),
         (["nonsense=1"], "nonsense is not a key of the config root; valid keys of the config "
                          "root: run, model,"),
@@ -134,4 +134,4 @@ def test_structured_schema_checks_types_in_group_files():
     with pytest.raises(HydraException) as info:
         compose(["data=synthetic", "data.root=/tmp"])  # a corpus-only key
     assert explain(info.value) == ("data.root is not a key of data; valid keys of data: "
-                                   "source, val_fraction, blend, num_tokens.")
+                                   "source, val_fraction, blend, document_masking, num_tokens.")

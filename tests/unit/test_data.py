@@ -85,7 +85,7 @@ def test_max_bytes_reads_both_splits(corpus_source):
 def test_step_batches_shard_the_global_batch(corpus_source):
     full = StepBatches(corpus_source, "train", 8, 8, dp_rank=0, dp_size=1)
     for step in (0, 5):
-        (x, y), = full.step(step)
+        (x, y, *_), = full.step(step)
         assert x.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1])
         shards = []
         for rank in range(4):
@@ -102,7 +102,7 @@ def test_epochs_visit_every_window_once_in_a_seeded_order(corpus_source):
     sources = {seed: build_data_source(tiny_config(f"train.seed={seed}")) for seed in (7, 8)}
 
     def epoch(seed: int, step: int) -> torch.Tensor:
-        (x, y), = StepBatches(sources[seed], "train", n, n, 0, 1).step(step)
+        (x, y, *_), = StepBatches(sources[seed], "train", n, n, 0, 1).step(step)
         return torch.cat([x, y[:, -1:]], dim=1)
 
     first, second = epoch(7, 0), epoch(7, 1)
@@ -113,7 +113,7 @@ def test_epochs_visit_every_window_once_in_a_seeded_order(corpus_source):
     assert torch.equal(epoch(7, 0), first)
     # A source built afresh with the same seed orders the first epoch identically.
     fresh = build_data_source(tiny_config("train.seed=7"))
-    (x, y), = StepBatches(fresh, "train", n, n, 0, 1).step(0)
+    (x, y, *_), = StepBatches(fresh, "train", n, n, 0, 1).step(0)
     assert fresh is not sources[7]
     assert torch.equal(torch.cat([x, y[:, -1:]], dim=1), first)
     assert not torch.equal(epoch(8, 0), first)
@@ -121,7 +121,7 @@ def test_epochs_visit_every_window_once_in_a_seeded_order(corpus_source):
 
 def test_validation_batches_are_fixed(corpus_source):
     val = StepBatches(corpus_source, "val", 8, 8, 0, 1, shuffle=False)
-    (x, _), = val.step(0)
+    (x, *_), = val.step(0)
     assert torch.equal(x, corpus_source.windows("val", torch.arange(8))[:, :-1])
 
 

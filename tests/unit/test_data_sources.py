@@ -235,7 +235,7 @@ def test_dp_ranks_read_disjoint_shares_that_cover_each_step(three_sources):
     whole = StepBatches(source, "train", 16, 16, 0, 1)
     seen = []
     for step in range(n // 16):
-        (x, y), = whole.step(step)
+        (x, y, *_), = whole.step(step)
         parts = [StepBatches(source, "train", 16, 2, rank, 4).step(step) for rank in range(4)]
         assert torch.equal(torch.cat([mb[0] for part in parts for mb in part]), x)
         assert torch.equal(torch.cat([mb[1] for part in parts for mb in part]), y)
@@ -256,7 +256,8 @@ def test_pipeline_stages_read_only_what_they_use(three_sources):
     first = StepBatches(source, "train", 8, 4, 0, 1, labels=False).step(3)
     last = StepBatches(source, "train", 8, 4, 0, 1, inputs=False).step(3)
     middle = StepBatches(source, "train", 8, 4, 0, 1, inputs=False, labels=False).step(3)
-    for (x, y), (fx, fy), (lx, ly), (mx, my) in zip(full, first, last, middle, strict=True):
+    for (x, y, *_), (fx, fy, *_), (lx, ly, *_), (mx, my, *_) in zip(
+            full, first, last, middle, strict=True):
         assert torch.equal(fx, x) and torch.equal(ly, y)
         assert fy.numel() == lx.numel() == mx.numel() == my.numel() == 0
 
@@ -277,13 +278,13 @@ def test_resume_continues_at_the_recorded_position(tmp_path, three_sources, blen
     second = Trainer(tiny_config(*common, "train.global_batch_size=16", "train.max_steps=5"),
                      World(), run_dir=tmp_path)
     assert second.resume_step() == 3
-    (x, y), = second.train_batches.step(3)
+    (x, y, *_), = second.train_batches.step(3)
     expected = second.data.samples("train", torch.arange(consumed, consumed + 16))
     assert torch.equal(torch.cat([x, y[:, -1:]], 1), expected)
     # The uninterrupted run with the first batch size would have read the same samples.
     straight = StepBatches(first.data, "train", 8, 8, 0, 1)
     assert torch.equal(x[:8], straight.step(3)[0][0])
     # ... and its steps 3 and 4 together are exactly the resumed step-3 batch of 16.
-    (x3, y3), = straight.step(3)
-    (x4, y4), = straight.step(4)
+    (x3, y3, *_), = straight.step(3)
+    (x4, y4, *_), = straight.step(4)
     assert torch.equal(x, torch.cat([x3, x4])) and torch.equal(y, torch.cat([y3, y4]))

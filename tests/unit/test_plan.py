@@ -563,3 +563,60 @@ def test_train_warns_only_when_the_layout_overflows():
     assert fit_warning(compose(["+experiment=llama3_8b_trn1_32nodes"]), 1024) is None
     assert fit_warning(tiny_config(), 1) is None  # cluster=local: no limit
     assert plan(tiny_config()).memory_per_core_gib * GIB > 0
+
+
+# -- one layer's saved activations, per family -----------------------------------------------
+
+def block_saved_bytes(cfg, mode: str = "none", block_args: dict | None = None) -> int:
+    """Bytes autograd saves for backward in one forward of one block of `cfg.model` (its
+    family's, or with `block_args` overriding the model config), micro-batch 1, as the
+    trainer runs it (`cfg.train.precision`, checkpointing `mode`): every storage saved
+    through `saved_tensors_hooks`, counted once, but for the parameters and the rotary
+    tables (the planner's once-per-chunk term). The block's input is a leaf, as the
+    previous block's output would be."""
+    from omegaconf import open_dict
+
+    from trntrain.models import family_of
+    from trntrain.parallel.activation_checkpointing import apply_activation_checkpointing
+
+    m = cfg.model.copy()
+    with open_dict(m):
+        m.n_layers = 1
+        m.update(block_args or {})
+    model = family_of(m).build(m)
+    model.init_weights(0)
+    apply_activation_checkpointing(model, mode, torch.device("cpu"))
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    block = model.layers["0"].to(dtype)
+    tables = {model.rope_cos.untyped_storage().data_ptr(),
+              model.rope_sin.untyped_storage().data_ptr()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        weight = isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+        storage = t.untyped_storage()
+        if not weight and storage.data_ptr() not in tables:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(1, cfg.train.seq_len, m.dim, dtype=dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(x, model.rope_cos, model.rope_sin)
+    out.float().sum().backward()  # the saved tensors serve a backward
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("model", ["llama_tiny", "qwen3_tiny", "qwen3_tiny_head_dim_16"])
+def test_layer_activations_equal_what_autograd_saves(model, precision, mode):
+    """The planner's one layer (the family's `layer_activations`) against the bytes one
+    block saves for backward: Llama's, and Qwen3's with its q and k norms (head_dim 32:
+    queries twice the model width; 16: as wide)."""
+    overrides = (["model=qwen3_tiny", "model.head_dim=16"] if model.endswith("_16")
+                 else [f"model={model}"])
+    cfg = compose([*overrides, "train.seq_len=64", f"train.precision={precision}",
+                   "plan.fused_attention=true"])
+    act = activation_model(cfg, layout(activation_checkpointing=mode))
+    # Exact on torch 2.x's CPU kernels; the tolerance leaves room for a scalar or two.
+    assert act.layer == pytest.approx(block_saved_bytes(cfg, mode), rel=1e-3)

@@ -31,7 +31,7 @@ def plain_loop(model, steps, lrs, betas, eps, weight_decay):
         for group in opt.param_groups:
             group["lr"] = lr
         step_loss = 0.0
-        for inputs, labels in micro_batches:
+        for inputs, labels, *_ in micro_batches:
             logits = model(inputs)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
             (loss / len(micro_batches)).backward()

@@ -11,7 +11,6 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.conftest import tiny_config
 from trntrain.checkpoint.manager import step_dir_name
-from trntrain.checkpoint.state import named_parameters
 from trntrain.distributed import World
 from trntrain.trainer import Trainer
 
@@ -39,7 +38,7 @@ def test_xla_saves_and_resumes_bitwise(tmp_path, overrides):
     # The last checkpoint holds the trained weights exactly (read by DCP's converter).
     dcp_to_torch_save(checkpoints / step_dir_name(6), tmp_path / "flat.pt")
     saved = torch.load(tmp_path / "flat.pt", weights_only=True)
-    trained = {key: p.detach().cpu() for key, p in named_parameters(straight.train_state)}
+    trained = {key: p.detach().cpu() for key, p in straight.states["model"].named_parameters()}
     for key, weight in trained.items():
         assert torch.equal(saved[f"model.{key}"], weight), key
     if "train.precision=bf16" in overrides:
@@ -50,7 +49,7 @@ def test_xla_saves_and_resumes_bitwise(tmp_path, overrides):
                            f"checkpoint.resume={checkpoints / step_dir_name(3)}")
     assert sorted(again) == [4, 5, 6]
     assert all(again[s] == losses[s] for s in again)  # bitwise
-    for key, p in named_parameters(resumed.train_state):
+    for key, p in resumed.states["model"].named_parameters():
         assert torch.equal(p.detach().cpu(), trained[key]), key
 
 

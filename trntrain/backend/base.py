@@ -17,6 +17,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from trntrain.data.base import Batch
+
 
 class Backend:
     name: ClassVar[str]
@@ -80,11 +82,11 @@ class Backend:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
-    def batches(self, batches: Iterator[list[tuple[torch.Tensor, torch.Tensor]]]
-                ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def batches(self, batches: Iterator[list[Batch]]) -> Iterator[list[Batch]]:
         """Move each step's micro-batches to the device."""
         for step_batches in batches:
-            yield [(self.to_device(x), self.to_device(y)) for x, y in step_batches]
+            yield [Batch(*(None if t is None else self.to_device(t) for t in batch))
+                   for batch in step_batches]
 
 
 def host_peak_rss_gib() -> float:

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from trntrain.backend.base import Backend, host_peak_rss_gib
+from trntrain.data.base import Batch
 
 # neuron_parallel_compile runs the script with this set: tensors are placeholders,
 # the point is to collect every graph the run will need and compile them in parallel.
@@ -96,8 +97,7 @@ class XlaBackend(Backend):
 
         xm.wait_device_ops()
 
-    def batches(self, batches: Iterator[list[tuple[torch.Tensor, torch.Tensor]]]
-                ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def batches(self, batches: Iterator[list[Batch]]) -> Iterator[list[Batch]]:
         """Each step's micro-batches, copied to the device by a background thread ahead of use."""
         from torch_xla.distributed.parallel_loader import MpDeviceLoader
 

@@ -4,40 +4,20 @@ through the `trntrain.checkpoint` entry point group with a Checkpointer subclass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-import torch
 from omegaconf import DictConfig
-from torch import nn
 
 from trntrain.plugins import Registry
 
 if TYPE_CHECKING:
-    from trntrain.data import StepBatches
-    from trntrain.parallel import Mesh
-    from trntrain.parallel.comm import Group
-    from trntrain.parallel.zero import ShardedOptimizer
+    from trntrain.checkpoint.state import Stateful
 
-
-@dataclass
-class TrainState:
-    """What a checkpointer writes and reads, handed to it by the trainer (never the
-    trainer itself): the model chunks and their parameters, the optimizer (and its
-    sharded layout, if any), the data position, and the layout the shards live in."""
-
-    model_cfg: DictConfig
-    chunks: dict[int, nn.Module]  # this rank's pipeline chunks by global index
-    params: list[nn.Parameter]  # trainable, each once
-    optimizer: torch.optim.Optimizer  # the torch optimizer: per-parameter state
-    sharded: ShardedOptimizer | None  # ZeRO-1 / master weights: flat fp32 slices
-    data: StepBatches  # the training data position
-    global_batch_size: int
-    mesh: Mesh
-    host_tp_group: Group  # a gloo copy of the tp group, for DCP's DeviceMesh
-    is_main: bool
-    async_save: bool
+# What a checkpointer writes and reads, by part: "trainer" (Progress: the step),
+# "model" (ModelState: the chunks, their config and mesh), "optimizer", "lr_schedule",
+# "data" (checkpoint/state.py); handed to it by the trainer, never the trainer itself.
+States = dict[str, "Stateful"]
 
 
 class PendingSave(Protocol):
@@ -49,18 +29,23 @@ class PendingSave(Protocol):
 
 
 class Checkpointer(ABC):
-    """Writes the training state into a directory and reads it back (every rank calls)."""
+    """Writes the training state into a directory and reads it back (every rank calls).
+    Built from the `checkpoint` config section."""
 
     # Whether a run can continue from what it writes (model weights alone cannot).
     resumable: ClassVar[bool] = True
 
-    @abstractmethod
-    def save(self, directory: Path, train: TrainState, step: int) -> PendingSave | None:
-        """Write the state; an asynchronous save returns what completes it."""
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
 
     @abstractmethod
-    def load(self, directory: Path, train: TrainState) -> int:
-        """Restore the state; returns the step it was saved at."""
+    def save(self, directory: Path, states: States) -> PendingSave | None:
+        """Write the state of step states["trainer"].step; an asynchronous save returns
+        what completes it."""
+
+    @abstractmethod
+    def load(self, directory: Path, states: States) -> None:
+        """Restore the parts of `states` (the step included) from `directory`."""
 
 
 class NoCheckpointer(Checkpointer):
@@ -68,10 +53,10 @@ class NoCheckpointer(Checkpointer):
 
     resumable = False
 
-    def save(self, directory: Path, train: TrainState, step: int) -> PendingSave | None:
+    def save(self, directory: Path, states: States) -> PendingSave | None:
         return None
 
-    def load(self, directory: Path, train: TrainState) -> int:
+    def load(self, directory: Path, states: States) -> None:
         raise FileNotFoundError(f"checkpoint=none never writes checkpoints, none in {directory}")
 
 
@@ -89,4 +74,4 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["CHECKPOINTERS", "Checkpointer", "NoCheckpointer", "PendingSave"]
+__all__ = ["CHECKPOINTERS", "Checkpointer", "NoCheckpointer", "PendingSave", "States"]

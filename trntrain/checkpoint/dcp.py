@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,15 +39,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from trntrain.checkpoint import Checkpointer
+from trntrain.checkpoint import Checkpointer, States
 from trntrain.checkpoint.manager import CHECKSUMS, verify_listed_file
-from trntrain.checkpoint.state import apply_state, empty_like_state, state_dict
+from trntrain.checkpoint.state import empty_state_dict, host_state_dict, load_state_dicts
 from trntrain.distributed import host_group
 from trntrain.errors import UserError
 from trntrain.models import build_model
-
-if TYPE_CHECKING:
-    from trntrain.checkpoint import TrainState
 
 MODEL_CONFIG = "model.yaml"
 COORDINATOR = 0  # rank of the host group that plans and writes `.metadata`, as in dcp.save
@@ -306,28 +303,32 @@ class DcpSave:
 
 
 class DcpCheckpointer(Checkpointer):
-    def save(self, directory: Path, train: TrainState, step: int) -> DcpSave | None:
-        if train.is_main:
+    def save(self, directory: Path, states: States) -> DcpSave | None:
+        step, model = states["trainer"].step, states["model"]
+        if _rank() == 0:
             # The model's shape travels with the weights, for `trntrain convert`.
-            OmegaConf.save(train.model_cfg, directory / MODEL_CONFIG)
-        background = bool(train.async_save)
+            OmegaConf.save(model.model_cfg, directory / MODEL_CONFIG)
+        background = bool(self.cfg["async"])
         # An asynchronous save writes while training changes the weights: private copies.
-        save = DcpSave(state_dict(train, step, private=background), directory, step)
+        save = DcpSave(host_state_dict(states, private=background), directory, step)
         save.start(background)
         if background:
             return save
         save.result()
         return None
 
-    def load(self, directory: Path, train: TrainState) -> int:
+    def load(self, directory: Path, states: States) -> None:
         metadata = read_checkpoint_metadata(directory)
-        keys = set(metadata.state_dict_metadata)
-        with_optimizer = any(k.endswith(".exp_avg") for k in keys)
-        with_master = any(k.endswith(".master") for k in keys)
-        state = empty_like_state(train, with_optimizer, with_master)
-        if "data.consumed_samples" not in keys:  # saved before positions were recorded
-            del state["data.consumed_samples"]
-        check_fits(directory, metadata, state, train.model_cfg)
+        saved = set(metadata.state_dict_metadata)
+        state = empty_state_dict(states)
+        # Entries a checkpoint may lack, which the parts then derive (the masters from
+        # the weights, the data position and schedule from the step, no moments: a
+        # fresh optimizer): left out of the request; any other is checked below.
+        optional = (".master", ".exp_avg", ".exp_avg_sq", "optim.step",
+                    "data.consumed_samples", "lr_schedule.last_epoch")
+        for key in [k for k in state if k not in saved and k.endswith(optional)]:
+            del state[key]
+        check_fits(directory, metadata, state, states["model"].model_cfg)
         try:
             dcp.load(state, storage_reader=MetadataSafeReader(str(directory)),
                      process_group=host_group(), no_dist=not dist.is_initialized())
@@ -340,4 +341,8 @@ class DcpCheckpointer(Checkpointer):
             first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             raise UserError(f"checkpoint {directory} could not be read ({first}); valid: a "
                             f"complete checkpoint as trntrain wrote it.") from None
-        return apply_state(train, state, with_optimizer)
+        load_state_dicts(states, state)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
@@ -28,10 +29,11 @@ from trntrain.models import family_of
 from trntrain.parallel.comm import all_gather_dim
 
 if TYPE_CHECKING:
-    from trntrain.checkpoint import TrainState
+    from trntrain.checkpoint import States
+    from trntrain.checkpoint.state import ModelState
 
 INDEX = "model.safetensors.index.json"
-def full_tensors(train: TrainState) -> dict[str, torch.Tensor]:
+def full_tensors(train: ModelState) -> dict[str, torch.Tensor]:
     """This rank's parameters with tp shards gathered, under their HF names (collective
     over the tp group)."""
     out = {}
@@ -74,10 +76,11 @@ def write_hf_metadata(directory: Path, weight_map: dict[str, str], model: DictCo
 class HfCheckpointer(Checkpointer):
     resumable = False
 
-    def save(self, directory: Path, train: TrainState, step: int) -> None:
+    def save(self, directory: Path, states: States) -> None:
         """Synchronous whatever checkpoint.async says: the gathers are collectives."""
         from safetensors.torch import save_file
 
+        train, step = states["model"], states["trainer"].step
         tensors = full_tensors(train)
         mesh, stages = train.mesh, train.mesh.dims.pp
         name = ("model.safetensors" if stages == 1
@@ -85,19 +88,19 @@ class HfCheckpointer(Checkpointer):
         if mesh.tp_rank == 0 and mesh.dp_rank == 0:
             save_file(tensors, str(directory / name), metadata={"format": "pt"})
         barrier()  # over gloo: an xla group's barrier returns at once
-        if train.is_main:
+        if not dist.is_initialized() or dist.get_rank() == 0:
             from safetensors import safe_open
 
             weight_map = {}
             for path in sorted(directory.glob("*.safetensors")):
                 with safe_open(str(path), framework="pt") as f:
                     weight_map.update(dict.fromkeys(f.keys(), path.name))
-            write_hf_metadata(directory, weight_map, train.model_cfg, train.params[0].dtype,
-                              {"step": step})
+            dtype = next(p for c in train.chunks.values() for p in c.parameters()).dtype
+            write_hf_metadata(directory, weight_map, train.model_cfg, dtype, {"step": step})
 
-    def load(self, directory: Path, train: TrainState) -> int:
-        load_hf_weights(directory, train.chunks.values(), train.model_cfg)
-        return 0
+    def load(self, directory: Path, states: States) -> None:
+        model = states["model"]
+        load_hf_weights(directory, model.chunks.values(), model.model_cfg)
 
 
 def hf_files(directory: Path, source: str | None = None) -> dict[str, Path]:

@@ -32,7 +32,7 @@ from trntrain.distributed import barrier, broadcast_object
 from trntrain.errors import UserError
 
 if TYPE_CHECKING:
-    from trntrain.checkpoint import Checkpointer, PendingSave, TrainState
+    from trntrain.checkpoint import Checkpointer, PendingSave, States
 
 logger = logging.getLogger("trntrain")
 
@@ -181,7 +181,7 @@ class CheckpointManager:
         # An asynchronous save under way and its step: committed by `finish_pending`.
         self.pending: tuple[PendingSave, int] | None = None
 
-    def save(self, step: int, checkpointer: Checkpointer, state: TrainState,
+    def save(self, step: int, checkpointer: Checkpointer, states: States,
              midway: Callable[[], None] = lambda: None) -> None:
         """Write a checkpoint of `step` with `checkpointer` (every rank): the save before
         it completed first, this one committed now or, if asynchronous, by the next
@@ -190,7 +190,7 @@ class CheckpointManager:
         self.finish_pending()
         try:
             directory = self.begin(step)
-            pending = checkpointer.save(directory, state, step)
+            pending = checkpointer.save(directory, states)
             midway()
             if pending is None:
                 self.commit(step)

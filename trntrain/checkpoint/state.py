@@ -29,38 +29,271 @@ device. Who stores what:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 from torch import nn
 
-from trntrain.parallel.zero import MOMENTS, SlicePart
+from trntrain.optim import lr_factor
+from trntrain.parallel.zero import MOMENTS, ShardedOptimizer, SlicePart
 
 if TYPE_CHECKING:
-    from trntrain.checkpoint import TrainState
+    from trntrain.data import StepBatches
+    from trntrain.parallel import Mesh
+    from trntrain.parallel.comm import Group
 
 # A box of a tensor: (offsets, sizes, index of its first element in the flattened tensor).
 Box = tuple[tuple[int, ...], tuple[int, ...], int]
+
+
+class Stateful(Protocol):
+    """A part of the training state (torch.distributed.checkpoint's Stateful): its
+    entries of the checkpoint's flat, layout-free dict, and how to take them back."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This part's entries: tensors, or `Staged` tensors for the checkpointer to
+        copy to the host (all of them at once) and place in their logical tensor."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take this part's entries back from the loaded (host) dict of every part."""
+
+
+@dataclass
+class Staged:
+    """A live (device) tensor, and how its host copy becomes the logical tensor that DCP
+    stores (a DTensor of a tp shard, the chunks of a ZeRO-1 slice). Entries may share
+    a tensor (the parameters of one flat bucket): it is copied once."""
+
+    tensor: torch.Tensor
+    place: Callable[[torch.Tensor], Any]
+
+    def empty(self) -> Any:
+        """A host tensor of this layout to load into."""
+        return self.place(torch.zeros(self.tensor.shape, dtype=self.tensor.dtype))
+
+
+def host_state_dict(states: dict[str, Stateful], private: bool = False) -> dict[str, Any]:
+    """Every part's entries on the host: the staged device tensors after one sync and in
+    one transfer. `private`: copies that nothing else changes (for an asynchronous
+    save); else CPU tensors may be the live ones."""
+    entries: dict[str, Any] = {}
+    for part in states.values():
+        entries.update(part.state_dict())
+    staged = {k: v for k, v in entries.items() if isinstance(v, Staged)}
+    tensors = list({id(v.tensor): v.tensor for v in staged.values()}.values())
+    hosts = dict(zip((id(t) for t in tensors), to_host(tensors, private), strict=True))
+    for key, value in staged.items():
+        entries[key] = value.place(hosts[id(value.tensor)])
+    return entries
 
 
 def param_key(name: str, tied: bool) -> str:
     return "tok_embeddings.weight" if tied and name == "output.weight" else name
 
 
-def named_parameters(train: TrainState) -> list[tuple[str, nn.Parameter]]:
-    """Every parameter this rank holds, by its name in the plain model (tied head
-    under the embedding's name)."""
-    tied = train.model_cfg.tie_embeddings
-    out, seen = [], set()
-    for chunk in train.chunks.values():
-        for name, p in chunk.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((param_key(name, tied), p))
+class ModelState:
+    """`model.<param>` for every parameter of this rank's pipeline chunks, by its name in
+    the plain model (a tied head under the embedding's)."""
+
+    def __init__(self, model_cfg: DictConfig, chunks: dict[int, nn.Module], mesh: Mesh,
+                 layout: HostLayout) -> None:
+        self.model_cfg = model_cfg
+        self.chunks = chunks  # by global chunk index
+        self.mesh = mesh
+        self.layout = layout
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        tied = self.model_cfg.tie_embeddings
+        out, seen = [], set()
+        for chunk in self.chunks.values():
+            for name, p in chunk.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((param_key(name, tied), p))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"model.{key}": Staged(p.detach(), functools.partial(self.layout.tp_tensor, p))
+                for key, p in self.named_parameters()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, p in self.named_parameters():
+            p.copy_(local(state[f"model.{key}"]))
+
+
+class OptimizerState:
+    """AdamW's moments (`optim.<param>.exp_avg`, `.exp_avg_sq`), the fp32 masters of a
+    sharded optimizer (`.master`) and the step count (`optim.step`): per-parameter
+    tensors, or each dp rank's slices of the flat buckets as chunks of the logical
+    tensors (ZeRO-1, bf16 master weights)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, sharded: ShardedOptimizer | None,
+                 model: ModelState) -> None:
+        self.optimizer = optimizer  # the torch optimizer: per-parameter state
+        self.sharded = sharded
+        self.model = model
+
+    def _keys(self) -> dict[int, str]:
+        return {id(p): key for key, p in self.model.named_parameters()}
+
+    def _count(self) -> float:
+        for s in self.optimizer.state.values():
+            if "step" in s:
+                return float(s["step"])
+        return 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        layout, keys = self.model.layout, self._keys()
+        out: dict[str, Any] = {"optim.step": torch.tensor(self._count(), dtype=torch.float32)}
+        sharded = self.sharded
+        if sharded is not None:
+            for b in sharded.buckets:
+                parts = [part for part in sharded.slice_parts(b) if not _is_duplicate(part.param)]
+                for name, tensor in sharded.state_slices(b).items():
+                    # The whole slice is copied once; each part places its run of it.
+                    for part in parts:
+                        out[f"optim.{keys[id(part.param)]}.{name}"] = Staged(
+                            tensor, lambda host, part=part: layout.slice_part(
+                                part, host[part.offset:part.offset + part.numel]))
+            return out
+        for key, p in self.model.named_parameters():
+            state = self.optimizer.state.get(p, {})
+            for name in MOMENTS:
+                if name in state and not _is_duplicate(p):
+                    out[f"optim.{key}.{name}"] = Staged(
+                        state[name], functools.partial(layout.tp_tensor, p))
+        return out
+
+    def empty_state_dict(self) -> dict[str, Any]:
+        """Every entry this optimizer could load, as host tensors of this rank's layout
+        (its moments exist only after a step, so state_dict() cannot tell them)."""
+        layout, keys = self.model.layout, self._keys()
+        out: dict[str, Any] = {"optim.step": torch.zeros((), dtype=torch.float32)}
+        sharded = self.sharded
+        if sharded is not None:
+            for b in sharded.buckets:
+                for part in sharded.slice_parts(b):
+                    for name in (*MOMENTS, "master"):
+                        out[f"optim.{keys[id(part.param)]}.{name}"] = layout.slice_part(
+                            part, torch.zeros(part.numel, dtype=torch.float32))
+            return out
+        for key, p in self.model.named_parameters():
+            for name in MOMENTS:
+                out[f"optim.{key}.{name}"] = layout.tp_tensor(
+                    p, torch.empty(p.shape, dtype=torch.float32))
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint without moments (weights alone) leaves the optimizer fresh; one
+        without masters (saved with fp32 weights) takes them from its weights."""
+        if not any(k.endswith(".exp_avg") for k in state):
+            return
+        count = float(state["optim.step"])
+        params = self.model.named_parameters()
+        sharded = self.sharded
+        if sharded is None:
+            for key, p in params:
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(count, dtype=torch.float32),
+                    **{m: local(state[f"optim.{key}.{m}"]).to(p.device, p.dtype)
+                       for m in MOMENTS},
+                }
+            return
+        keys = {id(p): key for key, p in params}
+        slices = []
+        for b in sharded.buckets:
+            by_name = {}
+            for name in ("master", *MOMENTS):
+                flat = torch.zeros(b.padded // sharded.dp, dtype=torch.float32)
+                for part in sharded.slice_parts(b):
+                    key = keys[id(part.param)]
+                    saved = state.get(f"optim.{key}.{name}")
+                    values = (local(saved) if saved is not None else
+                              local(state[f"model.{key}"]).reshape(-1)[part.start:part.stop])
+                    flat[part.offset:part.offset + part.numel] = values.reshape(-1)
+                by_name[name] = flat
+            slices.append(by_name)
+        sharded.load_state_slices(slices, count)
+
+
+class Progress:
+    """`trainer.step`: the last optimizer step taken (what the checkpoint is of)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trainer.step": torch.tensor(self.step, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["trainer.step"])
+
+
+class DataState:
+    """`data.consumed_samples`: where the run reads next (the loader's position)."""
+
+    def __init__(self, batches: StepBatches, progress: Progress) -> None:
+        self.batches = batches
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, Any]:
+        consumed = self.batches.consumed_samples(self.progress.step)
+        return {"data.consumed_samples": torch.tensor(consumed, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        step = self.progress.step  # loaded first (`states` is in that order)
+        consumed = state.get("data.consumed_samples")  # absent: saved before it was
+        self.batches.resume(step, int(consumed) if consumed is not None
+                            else step * self.batches.global_batch_size)
+
+
+class LRScheduleState:
+    """`lr_schedule.last_epoch`: the schedule's position; the rates follow from it."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler, optim_cfg: DictConfig,
+                 max_steps: int, progress: Progress) -> None:
+        self.scheduler = scheduler
+        self.optim_cfg = optim_cfg
+        self.max_steps = max_steps
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr_schedule.last_epoch": torch.tensor(self.scheduler.last_epoch,
+                                                       dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("lr_schedule.last_epoch")  # absent: one step per optimizer step
+        epoch = int(saved) if saved is not None else self.progress.step
+        self.scheduler.last_epoch = epoch
+        for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs,
+                               strict=True):
+            group["lr"] = base * lr_factor(epoch, self.optim_cfg, self.max_steps)
+
+
+def empty_state_dict(states: dict[str, Stateful]) -> dict[str, Any]:
+    """Host tensors of this rank's layout for DCP to load every part's entries into."""
+    out: dict[str, Any] = {}
+    for part in states.values():
+        if isinstance(part, OptimizerState):
+            out.update(part.empty_state_dict())
+            continue
+        for key, value in part.state_dict().items():
+            out[key] = value.empty() if isinstance(value, Staged) else torch.zeros_like(value)
     return out
+
+
+def load_state_dicts(states: dict[str, Stateful], loaded: dict[str, Any]) -> None:
+    """Hand the loaded dict to every part, in order (the step before the data position)."""
+    for part in states.values():
+        part.load_state_dict(loaded)
 
 
 def flat_range_boxes(shape: Sequence[int], start: int, stop: int) -> list[Box]:
@@ -118,17 +351,17 @@ def _device_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return copies
 
 
-class _Layout:
+
+class HostLayout:
     """How this rank's tensors map onto the logical ones, as DCP objects on the host."""
 
-    def __init__(self, train: TrainState) -> None:
+    def __init__(self, host_tp_group: Group | None, dp: int) -> None:
         self.mesh = None
-        group = train.host_tp_group
-        if group is not None:
+        if host_tp_group is not None:
             from torch.distributed.device_mesh import DeviceMesh
 
-            self.mesh = DeviceMesh.from_group(group, "cpu")
-        self.dp = train.sharded.dp if train.sharded is not None else 1
+            self.mesh = DeviceMesh.from_group(host_tp_group, "cpu")
+        self.dp = dp
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
 
@@ -199,86 +432,6 @@ def _is_duplicate(p: nn.Parameter) -> bool:
     return getattr(p, "pp_duplicate", False)
 
 
-def _scalars(train: TrainState, step: int) -> dict[str, torch.Tensor]:
-    count = 0.0
-    for s in train.optimizer.state.values():
-        if "step" in s:
-            count = float(s["step"])
-            break
-    return {
-        "trainer.step": torch.tensor(step, dtype=torch.int64),
-        "optim.step": torch.tensor(count, dtype=torch.float32),
-        "data.consumed_samples": torch.tensor(train.data.consumed_samples(step),
-                                              dtype=torch.int64),
-    }
-
-
-def state_dict(train: TrainState, step: int, private: bool = False) -> dict[str, Any]:
-    """What a checkpoint holds, on the host. `private`: copies that nothing else
-    changes (for an asynchronous save); else CPU tensors may be the live ones."""
-    layout = _Layout(train)
-    params = named_parameters(train)
-    keys = {id(p): key for key, p in params}
-    # Every device tensor to copy, and what becomes of its host copy.
-    sources: list[torch.Tensor] = []
-    builders: list[Callable[[torch.Tensor], dict[str, Any]]] = []
-    for key, p in params:
-        sources.append(p.detach())
-        builders.append(lambda host, key=key, p=p: {f"model.{key}": layout.tp_tensor(p, host)})
-    sharded = train.sharded
-    if sharded is not None:
-        for b in sharded.buckets:
-            parts = [part for part in sharded.slice_parts(b) if not _is_duplicate(part.param)]
-            for name, tensor in sharded.state_slices(b).items():
-                sources.append(tensor)
-                builders.append(lambda host, parts=parts, name=name: {
-                    f"optim.{keys[id(part.param)]}.{name}": layout.slice_part(
-                        part, host[part.offset:part.offset + part.numel]) for part in parts})
-    else:
-        for key, p in params:
-            state = train.optimizer.state.get(p, {})
-            for name in MOMENTS:
-                if name in state and not _is_duplicate(p):
-                    sources.append(state[name])
-                    builders.append(lambda host, key=key, p=p, name=name: {
-                        f"optim.{key}.{name}": layout.tp_tensor(p, host)})
-    out: dict[str, Any] = _scalars(train, step)
-    for build, host in zip(builders, to_host(sources, private), strict=True):
-        out.update(build(host))
-    return out
-
-
-def empty_like_state(train: TrainState, with_optimizer: bool = True,
-                     with_master: bool = True) -> dict[str, Any]:
-    """Host tensors of this rank's layout for DCP to load into (its chunks only)."""
-    layout = _Layout(train)
-    params = named_parameters(train)
-    keys = {id(p): key for key, p in params}
-    out: dict[str, Any] = {
-        "trainer.step": torch.zeros((), dtype=torch.int64),
-        "optim.step": torch.zeros((), dtype=torch.float32),
-        "data.consumed_samples": torch.zeros((), dtype=torch.int64),
-    }
-    for key, p in params:
-        out[f"model.{key}"] = layout.tp_tensor(p, torch.empty(p.shape, dtype=p.dtype))
-    if not with_optimizer:
-        return out
-    sharded = train.sharded
-    if sharded is not None:
-        names = MOMENTS + (("master",) if with_master else ())
-        for b in sharded.buckets:
-            for part in sharded.slice_parts(b):
-                for name in names:
-                    out[f"optim.{keys[id(part.param)]}.{name}"] = layout.slice_part(
-                        part, torch.zeros(part.numel, dtype=torch.float32))
-    else:
-        for key, p in params:
-            for name in MOMENTS:
-                out[f"optim.{key}.{name}"] = layout.tp_tensor(
-                    p, torch.empty(p.shape, dtype=torch.float32))
-    return out
-
-
 def local(tensor: Any) -> torch.Tensor:
     """This rank's part of a loaded value, flattened where it is several chunks."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -287,45 +440,3 @@ def local(tensor: Any) -> torch.Tensor:
         # The chunks of one contiguous range, in order (flat_range_boxes).
         return torch.cat([s.tensor.reshape(-1) for s in tensor.local_shards()])
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-@torch.no_grad()
-def apply_state(train: TrainState, loaded: dict[str, Any], with_optimizer: bool = True) -> int:
-    """Copy a loaded (host) state onto the trainer's model and optimizer; returns the step."""
-    step = int(loaded["trainer.step"])
-    # The data position: where the run that saved it would have read next.
-    consumed = loaded.get("data.consumed_samples")
-    train.data.resume(step, int(consumed) if consumed is not None
-                                 else step * train.global_batch_size)
-    params = named_parameters(train)
-    weights = {key: local(loaded[f"model.{key}"]) for key, _ in params}
-    for key, p in params:
-        p.copy_(weights[key])
-    if not with_optimizer:
-        return step
-    count = float(loaded["optim.step"])
-    sharded = train.sharded
-    if sharded is not None:
-        keys = {id(p): key for key, p in params}
-        slices = []
-        for b in sharded.buckets:
-            by_name = {}
-            for name in ("master", *MOMENTS):
-                flat = torch.zeros(b.padded // sharded.dp, dtype=torch.float32)
-                for part in sharded.slice_parts(b):
-                    key = keys[id(part.param)]
-                    saved = loaded.get(f"optim.{key}.{name}")
-                    # A checkpoint without masters (fp32 weights): they are the weights.
-                    values = (local(saved).reshape(-1) if saved is not None else
-                              weights[key].reshape(-1)[part.start:part.stop])
-                    flat[part.offset:part.offset + part.numel] = values
-                by_name[name] = flat
-            slices.append(by_name)
-        sharded.load_state_slices(slices, count)
-    else:
-        for key, p in params:
-            train.optimizer.state[p] = {
-                "step": torch.tensor(count, dtype=torch.float32),
-                **{m: local(loaded[f"optim.{key}.{m}"]).to(p.device, p.dtype) for m in MOMENTS},
-            }
-    return step

@@ -136,6 +136,9 @@ class DataConfig:
     # source: jsonl, path: b.jsonl}]: each entry is this data config with its keys
     # replaced by the entry's. Empty: this source alone.
     blend: list[Any] = field(default_factory=list)
+    # Attention stays within a document (documents end at the end-of-text token) and
+    # rotary positions restart at each: as if each were trained alone.
+    document_masking: bool = False
 
 
 @dataclass
@@ -210,6 +213,27 @@ class HFDataConfig(TextFilesDataConfig):
     tokens_key: str | None = None
 
 
+@dataclass
+class ChatDataConfig(TextFilesDataConfig):
+    """Conversations in JSON lines (`messages`, or `prompt`/`completion`), rendered with
+    the tokenizer's chat template and packed whole into windows (docs/fine-tuning.md)."""
+
+    source: str = "chat"
+    # demo: the conversations shipped with trntrain (trntrain/data/examples/).
+    path: str | None = "demo"
+    # The tokens the loss counts: assistant (the assistant turns' own, their end-of-turn
+    # token included) | all.
+    train_on: str = "assistant"
+    # Pack whole conversations into train.seq_len windows (first-fit decreasing), each
+    # attending only to itself; false: one conversation per window, padded.
+    packing: bool = True
+    # A conversation longer than a window: truncate (keep its start) | drop | fail.
+    too_long: str = "truncate"
+    # fail: stop at the first bad line (malformed, or one its template cannot render);
+    # skip: skip such lines and count them.
+    on_bad_line: str = "fail"
+
+
 DATA_SCHEMAS: dict[str, type[DataConfig]] = {
     "corpus": CorpusDataConfig,
     "synthetic": SyntheticDataConfig,
@@ -217,6 +241,7 @@ DATA_SCHEMAS: dict[str, type[DataConfig]] = {
     "jsonl": JsonlDataConfig,
     "text": TextDataConfig,
     "hf": HFDataConfig,
+    "chat": ChatDataConfig,
 }
 
 

@@ -362,6 +362,13 @@ def _validate_data_source(cfg: DictConfig, d: DictConfig, field: str) -> None:
     require(d.source in DATA_SOURCES, f"{field}.source", d.source,
             f"one of {sorted(DATA_SOURCES)}")
     require(0 < d.val_fraction < 1, f"{field}.val_fraction", d.val_fraction, "a float in (0, 1)")
+    if d.source == "chat":
+        from trntrain.data.chat import TOO_LONG, TRAIN_ON
+
+        require(not cfg.data.blend, f"{field}.source", d.source, "a source other than chat",
+                "chat data (packed conversations) cannot be blended yet;")
+        require(d.train_on in TRAIN_ON, f"{field}.train_on", d.train_on, " or ".join(TRAIN_ON))
+        require(d.too_long in TOO_LONG, f"{field}.too_long", d.too_long, ", ".join(TOO_LONG))
     if "path" in d:
         require(bool(d.path), f"{field}.path", d.path,
                 "a file, directory, glob or (for indexed) dataset prefix on this machine")
@@ -369,6 +376,11 @@ def _validate_data_source(cfg: DictConfig, d: DictConfig, field: str) -> None:
     if "on_bad_line" in d:
         require(d.on_bad_line in ("fail", "skip"), f"{field}.on_bad_line", d.on_bad_line,
                 "fail or skip")
+    source = DATA_SOURCES[d.source]
+    require(not d.get("document_masking", False) or source.packed
+            or source.marks_document_ends(d), f"{field}.document_masking", True,
+            "false for this source", f"its stream does not mark where documents end (give "
+            f"{field}.tokenizer, whose end-of-text token ends each document);")
     vocab = DATA_SOURCES[d.source].tokenizer_vocab_size(d, cfg.model)
     require(
         vocab is None or cfg.model.vocab_size >= vocab, "model.vocab_size",

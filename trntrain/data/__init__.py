@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from trntrain.data.base import SPLITS, DataSource
 from trntrain.data.blend import BlendSource, blend_entries
+from trntrain.data.chat import ChatSource
 from trntrain.data.corpus import CorpusSource
 from trntrain.data.hf import HFSource
 from trntrain.data.indexed_source import IndexedSource
@@ -23,6 +24,7 @@ DATA_SOURCES["indexed"] = IndexedSource
 DATA_SOURCES["jsonl"] = JsonlSource
 DATA_SOURCES["text"] = TextSource
 DATA_SOURCES["hf"] = HFSource
+DATA_SOURCES["chat"] = ChatSource
 
 
 def build_data_source(cfg: DictConfig) -> DataSource:

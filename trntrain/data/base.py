@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,6 +15,41 @@ from trntrain.data.indexed import optimal_dtype
 from trntrain.errors import UserError
 
 SPLITS = ("train", "val")
+# A label the loss does not count (torch's cross_entropy default ignore_index).
+IGNORE_INDEX = -100
+NOTHING = torch.empty(0, dtype=torch.int64)
+
+
+class Batch(NamedTuple):
+    """Rows of token ids and their next-token labels, (rows, seq_len) each.
+
+    Packed data (several documents per row) also carries each token's position within
+    its document and its document's index in the row: attention then stays within a
+    document and rotary positions restart at each. None: one causal sequence per row.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor  # IGNORE_INDEX where the loss does not count
+    positions: torch.Tensor | None = None
+    documents: torch.Tensor | None = None
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """What the model takes besides the inputs (nothing for unpacked rows, so
+        families without document masking train on them)."""
+        if self.documents is None:
+            return {}
+        return {"positions": self.positions, "documents": self.documents}
+
+    def split(self, size: int) -> list[Batch]:
+        """Micro-batches of `size` rows (an empty field stays empty in each)."""
+        count = max(len(t) for t in self if t is not None) // size
+
+        def parts(t: torch.Tensor | None) -> list:
+            if t is None:
+                return [None] * count
+            return list(t.split(size)) if t.numel() else [t] * count
+
+        return [Batch(*fields) for fields in zip(*(parts(t) for t in self), strict=True)]
 
 
 class EpochOrder:
@@ -75,6 +111,13 @@ class DataSource(ABC):
         """The number of token ids the source can emit (model.vocab_size must cover it),
         or None where only the data can tell (ids are then checked as they are read)."""
 
+    # Whether every sample is a packed row of whole documents (with positions and
+    # document indices) rather than a window of a stream.
+    packed = False
+    # The token that ends each document of the stream (data.document_masking cuts
+    # windows into documents after it); None where the stream does not mark them.
+    eot_id: int | None = None
+
     @property
     def ids_unchecked(self) -> bool:
         """Whether the ids must be checked as they are read (no tokenizer vouches for them)."""
@@ -111,6 +154,36 @@ class DataSource(ABC):
     def samples(self, split: str, indices: torch.Tensor, shuffle: bool = True) -> torch.Tensor:
         """Global samples (any index >= 0, epochs after the first reshuffled) as windows."""
         return self.windows(split, self._orders[split].windows(indices, shuffle))
+
+    @classmethod
+    def marks_document_ends(cls, data_cfg: DictConfig) -> bool:
+        """Whether the stream of this config ends each document with `eot_id` (what
+        data.document_masking needs); checked before the run."""
+        return False
+
+    def batch(self, split: str, indices: torch.Tensor, shuffle: bool = True) -> Batch:
+        """Global samples as inputs and next-token labels; with data.document_masking,
+        each window's documents (cut after each end-of-text token) attend only to
+        themselves, their positions restarting at 0."""
+        windows = self.samples(split, indices, shuffle)
+        inputs, labels = windows[:, :-1], windows[:, 1:]
+        if not self.cfg.get("document_masking", False):
+            return Batch(inputs, labels)
+        documents, positions = document_layout(inputs, self.eot_id)
+        return Batch(inputs, labels, positions, documents)
+
+
+def document_layout(inputs: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document index, position within the document) of each token of rows that hold
+    documents each ended by `eot_id` (the end-of-text token belongs to the document it
+    ends; a row may start or stop inside one)."""
+    ends = inputs == eot_id
+    starts = torch.zeros_like(ends)
+    starts[:, 1:] = ends[:, :-1]
+    documents = starts.cumsum(dim=1)
+    index = torch.arange(inputs.shape[1]).expand_as(inputs)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return documents, index - first
 
 
 def split_documents(documents: Iterable[tuple[str, np.ndarray]], val_fraction: float

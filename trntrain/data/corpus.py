@@ -30,10 +30,15 @@ class CorpusSource(DataSource):
     """Byte-level tokens, one document per file, an end-of-text token after each."""
 
     tokenizer = ByteTokenizer()
+    eot_id = tokenizer.eot_id
 
     @classmethod
     def tokenizer_vocab_size(cls, data_cfg: DictConfig, model_cfg: DictConfig) -> int:
         return cls.tokenizer.vocab_size
+
+    @classmethod
+    def marks_document_ends(cls, data_cfg: DictConfig) -> bool:
+        return True
 
     def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:
         root = Path(self.cfg.root) if self.cfg.root else stdlib_root()

@@ -71,6 +71,10 @@ def column(dataset, key: str, field: str, path: str) -> Iterator:
 
 class HFSource(DataSource):
     @classmethod
+    def marks_document_ends(cls, data_cfg: DictConfig) -> bool:
+        return not data_cfg.tokens_key  # pre-tokenized rows carry no added separator
+
+    @classmethod
     def tokenizer_vocab_size(cls, data_cfg: DictConfig, model_cfg: DictConfig) -> int | None:
         if data_cfg.tokens_key:
             return None  # ids from another tokenizer: checked as they are read
@@ -96,6 +100,7 @@ class HFSource(DataSource):
                      enumerate(column(dataset, c.text_key, "data.text_key", c.path)))
             docs = tokenize_documents(texts, tokenizer)
             eot, vocab = tokenizer.eot_id, tokenizer.vocab_size
+        self.eot_id = eot
         splits = split_documents(docs, c.val_fraction)
         if eot is None:
             return {s: np.concatenate(d) if d else np.empty(0, np.int64)

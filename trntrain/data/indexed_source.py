@@ -27,6 +27,11 @@ class IndexedSource(DataSource):
         return build_tokenizer(data_cfg.tokenizer, data_cfg.eot_token).vocab_size
 
     @classmethod
+    def marks_document_ends(cls, data_cfg: DictConfig) -> bool:
+        # `trntrain prepare` ends each document with its tokenizer's end-of-text token.
+        return data_cfg.tokenizer is not None
+
+    @classmethod
     def check_files(cls, data_cfg: DictConfig) -> None:
         if not data_cfg.path:
             raise UserError("data.path is not set; valid: the prefix of an indexed dataset, "
@@ -39,6 +44,8 @@ class IndexedSource(DataSource):
 
     def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:
         self.check_files(self.cfg)
+        if self.cfg.tokenizer is not None:
+            self.eot_id = build_tokenizer(self.cfg.tokenizer, self.cfg.eot_token).eot_id
         dataset = IndexedDataset(self.cfg.path)
         docs = dataset.num_documents
         held_out = max(1, round(docs * self.cfg.val_fraction))

@@ -17,11 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
-from trntrain.data.base import DataSource
+from trntrain.data.base import NOTHING, Batch, DataSource
 from trntrain.errors import UserError
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-NOTHING = torch.empty(0, dtype=torch.int64)
 
 
 class StepBatches:
@@ -56,23 +53,24 @@ class StepBatches:
         return self.start_sample + (step - self.start_step) * self.global_batch_size
 
     def step(self, step: int) -> list[Batch]:
-        """This rank's micro-batches (inputs, labels) of optimizer step `step` (0-based)."""
-        if not (self.inputs or self.labels):
-            return [(NOTHING, NOTHING)] * self.accumulation_steps
+        """This rank's micro-batches of optimizer step `step` (0-based)."""
+        packed = bool(self.source.cfg.get("document_masking", False)) or self.source.packed
+        if not (self.inputs or self.labels or packed):
+            return [Batch(NOTHING, NOTHING)] * self.accumulation_steps
         share = self.global_batch_size // self.dp_size
         first = self.consumed_samples(step) + self.dp_rank * share
-        windows = self.source.samples(self.split, torch.arange(first, first + share),
-                                      self.shuffle)
-        if self.vocab_size is not None and windows.numel() and windows.max() >= self.vocab_size:
+        batch = self.source.batch(self.split, torch.arange(first, first + share), self.shuffle)
+        if self.vocab_size is not None and batch.inputs.numel() and (
+                top := int(max(batch.inputs.max(), batch.labels.max()))) >= self.vocab_size:
             raise UserError(
-                f"{self.source.describe()}: token id {int(windows.max())} in the {self.split} "
+                f"{self.source.describe()}: token id {top} in the {self.split} "
                 f"split is outside model.vocab_size={self.vocab_size}; valid: a model whose "
                 f"vocabulary covers the data's tokenizer (set model.vocab_size or data.tokenizer)."
             )
-        m = len(windows) // self.micro_batch_size
-        inputs = windows[:, :-1].split(self.micro_batch_size) if self.inputs else [NOTHING] * m
-        labels = windows[:, 1:].split(self.micro_batch_size) if self.labels else [NOTHING] * m
-        return list(zip(inputs, labels, strict=True))
+        # Stages that neither embed nor score read only the document layout.
+        batch = batch._replace(inputs=batch.inputs if self.inputs else NOTHING,
+                               labels=batch.labels if self.labels else NOTHING)
+        return batch.split(self.micro_batch_size)
 
     def steps(self, start: int, stop: int) -> Iterator[list[Batch]]:
         for s in range(start, stop):

@@ -127,6 +127,10 @@ class TextDocumentsSource(DataSource):
         return build_tokenizer(data_cfg.tokenizer, data_cfg.eot_token).vocab_size
 
     @classmethod
+    def marks_document_ends(cls, data_cfg: DictConfig) -> bool:
+        return True
+
+    @classmethod
     def check_files(cls, data_cfg: DictConfig) -> None:
         resolve_files(data_cfg.path, cls.suffixes)
 
@@ -135,6 +139,7 @@ class TextDocumentsSource(DataSource):
 
     def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:
         tokenizer = build_tokenizer(self.cfg.tokenizer, self.cfg.eot_token)
+        self.eot_id = tokenizer.eot_id
         files = resolve_files(self.cfg.path, self.suffixes)
         splits = split_documents(tokenize_documents(self.documents(files), tokenizer),
                                  self.cfg.val_fraction)

@@ -29,6 +29,36 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class ActivationSpec:
+    """What one layer's saved activations depend on besides the model (the planner's
+    layout and settings)."""
+
+    tp: int
+    sequence_parallel: bool
+    element_bytes: int  # an activation element: 2 for bf16, 4 for fp32
+    seq_len: int
+    fused_attention: bool  # False: the s x s probabilities are kept (XLA)
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Bytes per token of a micro-batch that one layer holds for its backward."""
+
+    saved: float  # saved without checkpointing (what full checkpointing recomputes)
+    selective: float  # saved under selective checkpointing (the attention core's inputs)
+    selective_recompute: float  # what selective checkpointing rebuilds for the backward
+    checkpointed: float  # saved under full checkpointing (the block's input)
+    attention_scores: float  # the s x s buffers of the attention backward (unfused)
+
+
+def llama_layer_activations(model: DictConfig, spec: ActivationSpec) -> LayerActivations:
+    """The default `ModelFamily.layer_activations`: a Llama block's."""
+    from trntrain.models.llama.costs import layer_activations
+
+    return layer_activations(model, spec)
+
+
+@dataclass(frozen=True)
 class HfAdapter:
     """How the family's weights and config are named in Hugging Face checkpoints."""
 
@@ -62,6 +92,10 @@ class ModelFamily:
     # (model config, tp) -> one layer's parameters on a tp rank (the planner).
     layer_params: Callable[[DictConfig, int], list[ParamSpec]]
     hf: HfAdapter
+    # (model config, spec) -> one layer's saved activations per token (the planner's
+    # memory); a family whose block saves what Llama's does keeps the default.
+    layer_activations: Callable[[DictConfig, ActivationSpec], LayerActivations] = (
+        llama_layer_activations)
 
 
 def head_dim(model: DictConfig) -> int:

@@ -1,5 +1,6 @@
-"""Layers shared by the model families: RMSNorm, rotary embeddings, the attention core,
-the SwiGLU MLP, and the deterministic initialisation by parameter name.
+"""Layers shared by the model families: RMSNorm, rotary embeddings, the attention core
+and its masks (causal, block-diagonal causal over packed documents, a KV cache's), the
+SwiGLU MLP, and the deterministic initialisation by parameter name.
 
 Nothing here knows about process groups: tensor parallelism swaps in the layers of
 `trntrain.parallel.tensor_parallel` from outside (each family's `parallelize`).
@@ -54,11 +55,33 @@ def rope_cos_sin(head_dim: int, theta: float, scaling: RopeScaling | None, seq_l
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim)."""
+    """x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim), the same positions for
+    every row, or (batch, seq, head_dim), each token's own (`rope_at`)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     return x * cos + rotated * sin
+
+
+def rope_at(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables (max_seq_len, head_dim) for `positions` (batch, seq): each token's
+    rows, (batch, seq, head_dim). None: the tables themselves, of which the attention
+    takes the first `seq` rows (positions 0, 1, ... in every row)."""
+    if positions is None:
+        return cos, sin
+    return cos[positions], sin[positions]
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal attention over packed documents: (batch, seq) document ids ->
+    a boolean (batch, 1, seq, seq) mask, True where token i may attend to token j: j <= i
+    in the same document. Static in shape (XLA compiles it once per sequence length);
+    every token sees at least itself, so no row of the softmax is empty."""
+    seq = documents.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=documents.device).tril()
+    same = documents[:, :, None] == documents[:, None, :]
+    return (same & causal).unsqueeze(1)
 
 
 class RMSNorm(nn.Module):
@@ -74,19 +97,78 @@ class RMSNorm(nn.Module):
         return self.weight * x32.type_as(x)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention, (batch, seq, heads, head_dim) in and out; k and v may have fewer
-    heads (grouped-query attention), each shared by a run of query heads."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention, (batch, seq, heads, head_dim) in and out; k and v may have fewer heads
+    (grouped-query attention), each shared by a run of query heads, and more positions
+    than q (a KV cache's). `mask`: None for plain causal attention over q's positions,
+    else a boolean (batch, 1, q positions, k positions), True where a query may attend
+    (`document_mask`, `KVCache.mask`)."""
     # Head counts come from the tensors: a tensor-parallel shard holds fewer heads.
     groups = q.shape[2] // k.shape[2]
     if groups > 1:
         # repeat_interleave rather than SDPA's enable_gqa: every backend (XLA too) has it.
         k = k.repeat_interleave(groups, dim=2)
         v = v.repeat_interleave(groups, dim=2)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-    )
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
+
+
+class KVCache:
+    """The keys and values of every layer for `max_len` positions, for decoding one token
+    at a time: a forward with the cache writes each layer's k and v at the positions of
+    its tokens, and its queries attend to every position written up to their own.
+
+    The tensors are allocated on the first write, (batch, max_len, kv heads, head_dim)
+    in the dtype and on the device of the keys (a tensor-parallel rank holds its own kv
+    heads), and keep that shape: every decoding step has the same shapes (XLA compiles
+    it once). Positions are written in place, so a prompt is prefilled in one forward
+    and each new token then costs one forward of one position.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.keys: dict[str, torch.Tensor] = {}
+        self.values: dict[str, torch.Tensor] = {}
+
+    def mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, seq, max_len): the query at position p attends to positions <= p."""
+        slots = torch.arange(self.max_len, device=positions.device)
+        return (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+
+    def layer(self, name: str, positions: torch.Tensor) -> LayerCache:
+        """What the attention of layer `name` writes into for tokens at `positions`."""
+        return LayerCache(self, name, positions)
+
+    def write(self, name: str, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k and v (batch, seq, kv heads, head_dim) of layer `name` at `positions`
+        (batch, seq); returns the layer's keys and values at every position."""
+        if name not in self.keys:
+            shape = (k.shape[0], self.max_len, *k.shape[2:])
+            self.keys[name] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.values[name] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        index = positions[:, :, None, None].expand_as(k)
+        self.keys[name].scatter_(1, index, k)
+        self.values[name].scatter_(1, index, v)
+        return self.keys[name], self.values[name]
+
+
+@dataclass
+class LayerCache:
+    """One layer's view of a KVCache for one forward: `update(k, v)` stores the new keys
+    and values and returns all of them."""
+
+    cache: KVCache
+    name: str
+    positions: torch.Tensor
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.write(self.name, self.positions, k, v)
 
 
 class FeedForward(nn.Module):

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trntrain.data.base import Batch
 from trntrain.faults import note
 from trntrain.parallel.comm import COMM_STATS, Group, all_gather_single
 from trntrain.parallel.pipeline_schedule import (
@@ -205,20 +206,20 @@ class PipelineRunner:
         self.compute_s = 0.0
         self.step_s = 0.0
 
-    def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    def forward_backward(self, micro_batches: list[Batch], tokens: torch.Tensor | None
                          ) -> torch.Tensor:
-        """Gradients of the mean loss over the micro-batches; returns that loss on the
-        last stage and zero elsewhere."""
-        return self._run(self.train_table, micro_batches, backward=True)
+        """Gradients of the micro-batches' summed losses divided by `tokens` (the trained
+        tokens per dp rank); returns that loss on the last stage and zero elsewhere."""
+        return self._run(self.train_table, micro_batches, tokens, backward=True)
 
     @torch.no_grad()
-    def forward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        return self._run(self.eval_table, micro_batches, backward=False)
+    def forward(self, micro_batches: list[Batch], tokens: torch.Tensor | None) -> torch.Tensor:
+        return self._run(self.eval_table, micro_batches, tokens, backward=False)
 
-    def _run(self, table, micro_batches, backward: bool) -> torch.Tensor:
+    def _run(self, table, micro_batches: list[Batch], tokens: torch.Tensor | None,
+             backward: bool) -> torch.Tensor:
         me = self.groups.stage
-        m = len(micro_batches)
-        device = micro_batches[0][0].device
+        device = micro_batches[0].inputs.device
         loss_sum = torch.zeros((), device=device)
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -232,7 +233,7 @@ class PipelineRunner:
             outgoing: dict[Transfer, torch.Tensor] = {}
             if action is not None:
                 key = (action.chunk, action.microbatch)
-                tokens, labels = micro_batches[action.microbatch]
+                batch = micro_batches[action.microbatch]
                 # What this action needs from a neighbour: waiting for it is bubble.
                 needed = None
                 if action.kind == "F" and action.chunk > 0:
@@ -242,14 +243,14 @@ class PipelineRunner:
                 action_start = time.perf_counter()
                 if action.kind == "F":
                     if action.chunk == 0:
-                        x = tokens
+                        x = batch.inputs
                     else:
                         x = needed
                         x.requires_grad_(backward)
                     with self.autocast():
-                        y = self.chunks[action.chunk](x)
+                        y = self.chunks[action.chunk](x, **batch.model_kwargs())
                         if action.chunk == self.last_chunk:
-                            y = self.loss_fn(y, labels) / m
+                            y = self.loss_fn(y, batch.labels) / tokens
                             loss_sum = loss_sum + y.detach()
                     if backward:
                         inputs[key], outputs[key] = x, y

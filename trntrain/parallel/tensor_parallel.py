@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from trntrain.data.base import IGNORE_INDEX
 from trntrain.parallel.comm import (
     Group,
     all_reduce,
@@ -155,28 +156,31 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         global_max = all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
         shifted = logits - global_max.unsqueeze(-1)
         local = labels - vocab_start
+        # Labels of other ranks' slices, and ignored ones (negative: IGNORE_INDEX).
         outside = (local < 0) | (local >= logits.shape[-1])
         local = local.masked_fill(outside, 0)
         target = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
         target = all_reduce(target, group)
         exp = shifted.exp()
         sum_exp = all_reduce(exp.sum(dim=-1), group)
-        loss = sum_exp.log() - target
-        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, outside)
-        return loss.mean()
+        trained = labels != IGNORE_INDEX
+        loss = (sum_exp.log() - target).masked_fill(~trained, 0.0)
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, outside, trained)
+        return loss.sum()
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, local, outside = ctx.saved_tensors
+        softmax, local, outside, trained = ctx.saved_tensors
         grad_logits = softmax.clone()
         hit = (~outside).to(softmax.dtype)
         grad_logits.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
-        grad_logits.mul_(grad / local.numel())
+        grad_logits.mul_(trained.unsqueeze(-1).to(softmax.dtype) * grad)
         return grad_logits.to(ctx.dtype), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
                                  group: Group) -> torch.Tensor:
-    """Mean next-token loss from this rank's vocabulary slice of the logits."""
+    """Summed next-token loss over the trained labels (not IGNORE_INDEX) from this rank's
+    vocabulary slice of the logits."""
     return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, group)
 

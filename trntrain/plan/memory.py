@@ -16,10 +16,12 @@ Static memory (exact, element for element what the trainer holds):
 
 Activations: the tensors autograd saves for backward, per token of a micro-batch and
 per layer, in bytes (e = 2 for bf16, 4 for fp32; h width, f MLP width, a heads, t tp;
-h_n = h/t under sequence parallelism, else h). This is Megatron's accounting
-(Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-Models": s b h (34 + 5 a s / h) bytes per layer in 16-bit) redone for a Llama block as
-trntrain writes it:
+h_n = h/t under sequence parallelism, else h). One layer's are its family's
+(`ModelFamily.layer_activations`, given an `ActivationSpec` of the layout; Qwen3 adds
+its q and k norms, trntrain/models/qwen3/costs.py). The default, Llama's
+(trntrain/models/llama/costs.py), is Megatron's accounting (Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models": s b h (34 + 5 a s / h)
+bytes per layer in 16-bit) redone for a Llama block as trntrain writes it:
 - each RMSNorm: its fp32 input, the fp32 1/rms and the normalised value: 4 h_n + 4 + e h_n;
 - the inputs of q/k/v and of w1/w3 (the norm outputs, gathered under sp): 2 e h;
 - attention core, fused (flash-style SDPA, as on CPU/GPU): q, k and v (repeated to the
@@ -32,7 +34,8 @@ Selective checkpointing keeps only the attention core's inputs (q; k, v before t
 repetition) and wo's input; full checkpointing keeps each block's input (e h_n).
 Outside the layers: the embedding's token ids, the final norm, the head's input and
 the loss's fp32 softmax (V/t per token). Calibrated against `ActivationMemory` on CPU,
-see tests/unit/test_plan.py.
+see tests/unit/test_plan.py; one layer equals the bytes one block saves, Llama's and
+Qwen3's (`test_layer_activations_equal_what_autograd_saves`).
 
 In flight: a pipeline rank holds the activations of every micro-batch it has run
 forward and not yet backward; their peak is found by walking the rank's action list
@@ -61,6 +64,7 @@ from omegaconf import DictConfig
 from trntrain.models import ParamSpec as Param
 from trntrain.models import family_of, partition_model
 from trntrain.models import head_dim as family_head_dim
+from trntrain.models.family import ActivationSpec
 from trntrain.parallel.pipeline_schedule import rank_actions
 from trntrain.plan.layout import Layout
 
@@ -332,45 +336,32 @@ def fused_attention(cfg: DictConfig) -> bool:
     return backend not in ("xla", "neuron")
 
 
+def activation_spec(cfg: DictConfig, layout: Layout) -> ActivationSpec:
+    """What the family's `layer_activations` needs of the layout and settings."""
+    return ActivationSpec(tp=layout.tp, sequence_parallel=layout.sequence_parallel,
+                          element_bytes=activation_bytes(cfg.train.precision),
+                          seq_len=cfg.train.seq_len, fused_attention=fused_attention(cfg))
+
+
 def activation_model(cfg: DictConfig, layout: Layout) -> ActivationModel:
     m, t = cfg.model, cfg.train
     tokens = layout.micro_batch_size * t.seq_len
-    h, f, a, tp = m.dim, m.ffn_hidden_dim, m.n_heads, layout.tp
+    h, tp = m.dim, layout.tp
     head_dim = family_head_dim(m)
-    kv_local = (kv_heads(m) // tp if tp <= kv_heads(m) else 1) * head_dim
-    # The query width: dim for Llama, wider or narrower where heads are sized on their
-    # own (Qwen3: n_heads x 128); q, the core's output and wo's input have it.
-    q = a * head_dim
     e = activation_bytes(t.precision)
     h_n = h / tp if layout.sequence_parallel else h
     norm = 4 * h_n + 4 + e * h_n
-    inputs = 2 * e * h
-    mlp = 4 * e * f / tp
-    if fused_attention(cfg):
-        core = 4 * e * q / tp + 4 * a / tp
-    else:
-        core = 4 * e * q / tp + e * a * t.seq_len / tp
-    selective_core = e * (q / tp + 2 * kv_local + q / tp)
-    # Decomposed attention's backward holds, besides the saved probabilities, the
-    # gradient of the probabilities and that of the scores (softmax backward): two
-    # s x s matrices per local head (measured on CPU, tests/unit/test_plan.py). Its
-    # forward holds the scores and the probabilities (one matrix fewer), plus one
-    # causal mask shared by the heads.
-    scores = 0.0 if fused_attention(cfg) else 2 * e * a * t.seq_len / tp
-    # bf16: each rotary application casts its cos and sin tables to bf16 (q and k);
-    # fp32: the tables themselves, once per chunk.
-    rope = 4 * e * head_dim if e != 4 else 0
-    full_layer = 2 * norm + inputs + core + mlp + rope
+    # One layer, as its family's block saves it (Llama's: the module docstring).
+    one = family_of(m).layer_activations(m, activation_spec(cfg, layout))
     mode = layout.activation_checkpointing
     if mode == "full":
         # The block's input; its backward first recomputes the whole block.
-        layer, recompute = e * h_n, full_layer
+        layer, recompute = one.checkpointed, one.saved
     elif mode == "selective":
-        # The core's inputs and wo's input; its backward first recomputes the core:
-        # q, k and v as the core uses them (repeated) and the probabilities.
-        layer, recompute = 2 * norm + inputs + selective_core + mlp + rope, core - e * q / tp
+        layer, recompute = one.selective, one.selective_recompute
     else:
-        layer, recompute = full_layer, 0.0
+        layer, recompute = one.saved, 0.0
+    scores = one.attention_scores
     v_local = m.vocab_size / tp
     # Embedding: token ids (int64), under tp also the shifted ids and an out-of-range mask.
     first = 8 + (9 if tp > 1 else 0)

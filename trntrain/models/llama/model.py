@@ -15,12 +15,16 @@ from torch import nn
 
 from trntrain.models.layers import (
     FeedForward,
+    KVCache,
+    LayerCache,
     RMSNorm,
     RopeScaling,
     apply_rope,
     attend,
+    document_mask,
     normal_tensor,
     parameter_seed,
+    rope_at,
     rope_cos_sin,
 )
 
@@ -62,21 +66,36 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None, cache: LayerCache | None = None
+                ) -> torch.Tensor:
+        """cos, sin: the rotary tables (their first rows are used) or each token's rows
+        (`rope_at`); mask: None for causal attention, else `attend`'s boolean mask;
+        cache: where this layer's keys and values are kept between forwards."""
         # Shapes come from the projections: under sequence parallelism x holds a
         # slice of the sequence and the projections return all of it.
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         bsz, seq = q.shape[:2]
-        cos, sin = cos[:seq], sin[:seq]
+        if cos.dim() == 2:
+            cos, sin = cos[:seq], sin[:seq]
         q = q.view(bsz, seq, -1, self.head_dim)
         k = k.view(bsz, seq, -1, self.head_dim)
         v = v.view(bsz, seq, -1, self.head_dim)
+        q, k = self.shape_qk(q, k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.wo(self.attend(q, k, v).reshape(bsz, seq, -1))
+        if cache is not None:
+            k, v = cache.update(k, v)
+        return self.wo(self.attend(q, k, v, mask).reshape(bsz, seq, -1))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def shape_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a family does to each head's query and key, (batch, seq, heads, head_dim),
+        before rotary embeddings: nothing for Llama (Qwen3: an RMSNorm)."""
+        return q, k
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention core (a method, so that selective checkpointing can wrap it)."""
-        return attend(q, k, v)
+        return attend(q, k, v, mask)
 
 
 class TransformerBlock(nn.Module):
@@ -87,8 +106,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None, cache: LayerCache | None = None
+                ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -111,12 +132,36 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None, cache: KVCache | None = None
+                ) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab); a pipeline chunk maps
-        tokens or hidden states to hidden states or logits, as its parts say."""
+        tokens or hidden states to hidden states or logits, as its parts say.
+
+        Packed sequences: `positions` (batch, seq) is each token's position within its
+        document (the rotary embeddings' positions) and `documents` (batch, seq) its
+        document index; a token attends to the tokens before it in its own document
+        only. Both are of the whole sequence, also under sequence parallelism (where x
+        holds a slice of it). None: positions 0, 1, ... and causal attention over the
+        whole row. `cache` (a KVCache, with `positions`): decoding, each layer's keys and
+        values written at `positions` and the queries attending to all those before.
+        """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, positions)
+        mask = None
+        if cache is not None:
+            if positions is None or documents is not None:
+                raise ValueError("decoding with a KV cache takes positions and no documents")
+            mask = cache.mask(positions)
+        elif documents is not None:
+            mask = document_mask(documents)  # once for every layer
+        for name, layer in self.layers.items():
+            if mask is None:
+                # The plain call: a block written for (x, cos, sin) needs nothing more.
+                h = layer(h, cos, sin)
+            else:
+                h = layer(h, cos, sin, mask,
+                          cache.layer(name, positions) if cache is not None else None)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

@@ -23,6 +23,7 @@ def qwen3_args(model_cfg: DictConfig) -> Qwen3Args:
 FAMILY = dataclasses.replace(
     LLAMA, name="qwen3", build=lambda model_cfg: Qwen3(qwen3_args(model_cfg)),
     parallelize=parallelize_qwen3, layer_costs=costs.layer_costs, head_cost=costs.head_cost,
-    flops_per_token=costs.flops_per_token, layer_params=costs.layer_params, hf=QWEN3_HF)
+    flops_per_token=costs.flops_per_token, layer_params=costs.layer_params, hf=QWEN3_HF,
+    layer_activations=costs.layer_activations)
 
 __all__ = ["FAMILY", "Qwen3", "Qwen3Args", "Qwen3Attention", "Qwen3Block", "qwen3_args"]

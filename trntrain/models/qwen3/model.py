@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trntrain.models.layers import RMSNorm, apply_rope
+from trntrain.models.layers import RMSNorm
 from trntrain.models.llama.model import Attention, Llama, LlamaArgs, TransformerBlock
 
 
@@ -28,25 +28,18 @@ class Qwen3Args(LlamaArgs):
 
 
 class Qwen3Attention(Attention):
-    """Llama's attention with an RMSNorm over each head's q and k before rotary."""
+    """Llama's attention with an RMSNorm over each head's q and k before rotary (its
+    `shape_qk`)."""
 
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__(args)
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # As Llama's forward, with the norms between the projection and rotary. Head
-        # counts come from the projections: a tensor-parallel rank holds some heads,
-        # and the norms, acting on the last dimension, do not depend on which.
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        bsz, seq = q.shape[:2]
-        cos, sin = cos[:seq], sin[:seq]
-        q = self.q_norm(q.view(bsz, seq, -1, self.head_dim))
-        k = self.k_norm(k.view(bsz, seq, -1, self.head_dim))
-        v = v.view(bsz, seq, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.wo(self.attend(q, k, v).reshape(bsz, seq, -1))
+    def shape_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Head counts come from the projections: a tensor-parallel rank holds some
+        # heads, and the norms, acting on the last dimension, do not depend on which.
+        return self.q_norm(q), self.k_norm(k)
 
 
 class Qwen3Block(TransformerBlock):
