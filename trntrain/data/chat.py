@@ -102,6 +102,54 @@ def read_conversations(files: list[Path], bad: BadLines) -> Iterator[tuple[str, 
                 yield where, f"{path.name}:{line_no}", messages
 
 
+@dataclass
+class Rendered:
+    """The conversations of a data config, rendered: (where: path:line, key: file
+    name:line for the split, token ids, the template's mask of the assistant's tokens)."""
+
+    conversations: list[tuple[str, str, np.ndarray, np.ndarray]]
+    bad: BadLines
+    template: ChatTemplate
+    pad_id: int
+
+
+# The last rendering check_files made, by what it depends on: the load in the same
+# process takes it instead of rendering every conversation again.
+_last_rendered: dict[tuple, Rendered] = {}
+
+
+def _rendering_key(data_cfg: DictConfig, files: list[Path]) -> tuple:
+    stats = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    return stats, data_cfg.tokenizer, data_cfg.eot_token, data_cfg.on_bad_line
+
+
+def render_conversations(data_cfg: DictConfig, reuse: bool = False) -> Rendered:
+    """Every conversation of the files data.path names, rendered with the chat template
+    of data.tokenizer; a bad line (malformed, or one the template fails to render) is a
+    UserError naming its file and line, or skipped and counted (data.on_bad_line).
+    `reuse`: take (and drop) the rendering check_files made in this process."""
+    files = resolve_files(chat_path(data_cfg.path), JSONL_SUFFIXES)
+    key = _rendering_key(data_cfg, files)
+    if reuse and key in _last_rendered:
+        return _last_rendered.pop(key)
+    tokenizer = build_tokenizer(data_cfg.tokenizer, data_cfg.eot_token)
+    template = tokenizer.chat_template()
+    bad = BadLines(data_cfg.on_bad_line)
+    conversations = []
+    for where, split_key, messages in read_conversations(files, bad):
+        try:
+            ids, mask = template.render(messages)
+        except ChatError as err:
+            bad.bad(where, str(err))
+            continue
+        conversations.append((where, split_key, ids, mask))
+    rendered = Rendered(conversations, bad, template, tokenizer.eot_id)
+    if not reuse:
+        _last_rendered.clear()
+        _last_rendered[key] = rendered
+    return rendered
+
+
 # -- packing -----------------------------------------------------------------------------------
 
 def first_fit_decreasing(lengths: list[int] | np.ndarray, capacity: int) -> list[list[int]]:
@@ -187,13 +235,10 @@ class ChatSource(DataSource):
 
     @classmethod
     def check_files(cls, data_cfg: DictConfig) -> None:
-        """The files, the tokenizer's chat template and every line's structure (JSON,
-        roles, string contents, an assistant turn); the rendering waits for the load."""
-        files = resolve_files(chat_path(data_cfg.path), JSONL_SUFFIXES)
-        build_tokenizer(data_cfg.tokenizer, data_cfg.eot_token).chat_template()
-        bad = BadLines(data_cfg.on_bad_line)
-        for _ in read_conversations(files, bad):
-            pass
+        """Every line read and rendered with the tokenizer's chat template (JSON, roles,
+        string contents, an assistant turn, a template that renders it) before any process
+        group exists, so bad input is one error line; the load reuses the rendering."""
+        render_conversations(data_cfg)
 
     def describe(self) -> str:
         path = self.cfg.path
@@ -201,20 +246,13 @@ class ChatSource(DataSource):
         return f"data.source=chat ({shown})"
 
     def load_streams(self, model_cfg: DictConfig) -> dict[str, np.ndarray]:
-        tokenizer = build_tokenizer(self.cfg.tokenizer, self.cfg.eot_token)
-        template = tokenizer.chat_template()
-        self.pad_id = tokenizer.eot_id
-        files = resolve_files(chat_path(self.cfg.path), JSONL_SUFFIXES)
-        bad = BadLines(self.cfg.on_bad_line)
+        rendered = render_conversations(self.cfg, reuse=True)
+        template = rendered.template
+        self.pad_id = rendered.pad_id
         pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in SPLITS}
         stats = {s: {"too_long": 0, "untrained": 0} for s in SPLITS}
         limit = self.seq_len + 1
-        for where, key, messages in read_conversations(files, bad):
-            try:
-                ids, mask = template.render(messages)
-            except ChatError as err:
-                bad.bad(where, str(err))
-                continue
+        for where, key, ids, mask in rendered.conversations:
             split = "val" if is_validation(key, self.cfg.val_fraction) else "train"
             if self.cfg.train_on == "all":
                 mask = np.ones(len(ids), dtype=bool)
@@ -232,7 +270,7 @@ class ChatSource(DataSource):
                 stats[split]["untrained"] += 1
                 continue
             pieces[split].append((ids, mask))
-        bad.report(self.describe())
+        rendered.bad.report(self.describe())
         self._packs = {s: self._pack(s, pieces[s], stats[s], template) for s in SPLITS}
         return {s: p.tokens for s, p in self._packs.items()}
 
