@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+
+from trntrain.plugins import Registry
 
 
 def decays(p: nn.Parameter) -> bool:
@@ -16,8 +19,7 @@ def decays(p: nn.Parameter) -> bool:
 
 def build_adamw(decayed: list[torch.Tensor], undecayed: list[torch.Tensor],
                 optim_cfg: DictConfig) -> torch.optim.AdamW:
-    """AdamW over two groups, with and without weight decay (the plain and the sharded
-    optimizer both: their tensors are parameters or flat fp32 slices of them)."""
+    """AdamW over two groups, with and without weight decay."""
     groups = [{"params": decayed, "weight_decay": optim_cfg.weight_decay},
               {"params": undecayed, "weight_decay": 0.0}]
     return torch.optim.AdamW(
@@ -26,10 +28,21 @@ def build_adamw(decayed: list[torch.Tensor], undecayed: list[torch.Tensor],
     )
 
 
-def build_optimizer(params: list[nn.Parameter], optim_cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW over the parameters themselves."""
-    return build_adamw([p for p in params if decays(p)], [p for p in params if not decays(p)],
-                       optim_cfg)
+# optim.name -> the torch optimizer over a decayed and an undecayed group of tensors;
+# packages add theirs through the `trntrain.optimizers` entry point group.
+OptimizerBuilder = Callable[[list[torch.Tensor], list[torch.Tensor], DictConfig],
+                            torch.optim.Optimizer]
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry("trntrain.optimizers")
+OPTIMIZERS["adamw"] = build_adamw
+
+
+def build_optimizer(tensors: list[torch.Tensor], decay: list[bool], optim_cfg: DictConfig
+                    ) -> torch.optim.Optimizer:
+    """The optimizer optim.name names, over `tensors` (parameters, or the flat fp32 slices
+    of the sharded optimizer), weight decay where `decay` says."""
+    decayed = [t for t, d in zip(tensors, decay, strict=True) if d]
+    undecayed = [t for t, d in zip(tensors, decay, strict=True) if not d]
+    return OPTIMIZERS[optim_cfg.name](decayed, undecayed, optim_cfg)
 
 
 def lr_factor(step: int, optim_cfg: DictConfig, max_steps: int) -> float:

@@ -64,6 +64,7 @@ from trntrain.parallel.pipeline import (
     PipelineGroups,
     PipelineRunner,
     build_transport,
+    transport_for,
 )
 from trntrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 from trntrain.parallel.zero import ShardedOptimizer
@@ -217,9 +218,7 @@ class Trainer:
 
     def build_pipeline(self) -> PipelineRunner:
         cfg, dims = self.cfg, self.mesh.dims
-        transport = cfg.parallel.pp_transport
-        if transport == "auto":
-            transport = "allgather" if self.backend.dist_backend == "xla" else "isend"
+        transport = transport_for(cfg.parallel.pp_transport, self.backend.lazy)
         seq = cfg.train.seq_len // (dims.tp if cfg.parallel.sequence_parallel else 1)
         groups = PipelineGroups(
             dims.pp, self.mesh.pp_rank, self.mesh.pp_pairs,

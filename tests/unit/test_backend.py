@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trntrain.backend import build_backend, detect_backend, resolve_backend_name
+from trntrain.backend import BACKENDS, build_backend, detect_backend, resolve_backend_name
 from trntrain.backend.neuron import (
     NeuronBackend,
     apply_environment,
@@ -94,8 +94,8 @@ def test_neuron_environment_has_aws_values():
         assert env["NEURON_CC_FLAGS"] == "--model-type=transformer -O2"
 
 
-class RecordedNeuronBackend:
-    """Stands in for NeuronBackend (torch-neuronx cannot be imported here)."""
+class RecordedNeuronBackend(NeuronBackend):
+    """NeuronBackend without starting it (torch-neuronx cannot be imported here)."""
 
     def __init__(self, local_rank, cfg, stochastic_rounding, sharded_optimizer):
         self.stochastic_rounding = stochastic_rounding
@@ -112,7 +112,7 @@ class RecordedNeuronBackend:
 ])
 def test_stochastic_rounding_only_for_pure_bf16(monkeypatch, precision, master_weights, zero1,
                                                 rounding, sharded):
-    monkeypatch.setattr("trntrain.backend.neuron.NeuronBackend", RecordedNeuronBackend)
+    monkeypatch.setitem(BACKENDS, "neuron", RecordedNeuronBackend)
     cfg = tiny_config("backend=neuron").backend
     backend = build_backend(cfg, 0, precision, master_weights, zero1)
     assert (backend.stochastic_rounding, backend.sharded_optimizer) == (rounding, sharded)

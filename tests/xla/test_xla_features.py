@@ -46,6 +46,10 @@ FP32_FEATURES = {
     "accumulation_4_micro_batches": ["train.micro_batch_size=2"],
     "zero1_code_path_dp1": ["parallel.zero1=true"],
     "nonfinite_skip": ["train.nonfinite=skip"],
+    # Chat SFT: whole conversations packed per row, block-diagonal attention, positions
+    # restarting per conversation, loss on the assistant's tokens.
+    "chat_sft_packed": ["data=chat", "train.seq_len=128"],
+    "document_masking_pretraining": ["data.document_masking=true"],
 }
 
 

@@ -1,4 +1,5 @@
-"""Backends by name (`backend.name`): cpu, cuda, xla, neuron, and auto."""
+"""Backends by name (`backend.name`): cpu, cuda, xla, neuron, and auto; packages add
+theirs through the `trntrain.backends` entry point group with a Backend subclass."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ from omegaconf import DictConfig
 from trntrain.backend.base import Backend
 from trntrain.backend.cpu import CpuBackend
 from trntrain.backend.cuda import CudaBackend
+from trntrain.backend.neuron import NeuronBackend, default_stochastic_rounding
+from trntrain.backend.xla import XlaBackend
 from trntrain.errors import UserError
+from trntrain.plugins import Registry
+
+BACKENDS: Registry[type[Backend]] = Registry("trntrain.backends")
+BACKENDS["cpu"] = CpuBackend
+BACKENDS["cuda"] = CudaBackend
+BACKENDS["xla"] = XlaBackend
+BACKENDS["neuron"] = NeuronBackend
+# backend.name=auto: the first of these the machine has (xla is never guessed).
+AUTO = "auto"
 
 
 def detect_backend() -> str:
@@ -21,23 +33,12 @@ def detect_backend() -> str:
 
 
 def resolve_backend_name(name: str) -> str:
-    resolved = detect_backend() if name == "auto" else name
-    if resolved == "cuda" and not torch.cuda.is_available():
-        raise UserError("backend.name='cuda' is invalid: no CUDA device is visible to this "
-                        "process; valid: cpu, or auto to pick what the machine has.")
-    if resolved == "xla" and importlib.util.find_spec("torch_xla") is None:
-        raise UserError("backend.name='xla' is invalid: torch_xla is not installed in this "
-                        "environment; valid: cpu, or run from .venv-xla (make setup-xla) or "
-                        "install the extra: pip install 'trntrain[xla]'.")
+    """backend.name with auto resolved; a UserError where this machine lacks what it needs."""
+    resolved = detect_backend() if name == AUTO else name
+    missing = BACKENDS[resolved].unavailable()
+    if missing:
+        raise UserError(f"backend.name={resolved!r} is invalid: {missing}")
     return resolved
-
-
-def default_stochastic_rounding(precision: str, master_weights: bool) -> bool:
-    """Stochastic rounding of bf16 results, when backend.stochastic_rounding is null: on
-    for pure bf16 (bf16 weights updated in bf16, where round-to-nearest loses small
-    updates: AWS's bf16SR), off with fp32 master weights (AWS's mixed_precision mode,
-    which runs without it) and for fp32 and bf16_autocast, whose weights are fp32."""
-    return precision == "bf16" and not master_weights
 
 
 def build_backend(cfg: DictConfig, local_rank: int = 0, precision: str = "fp32",
@@ -45,25 +46,9 @@ def build_backend(cfg: DictConfig, local_rank: int = 0, precision: str = "fp32",
     """The backend of the `backend` config group, for the process with this LOCAL_RANK;
     `precision`, `master_weights` (train.*) and `zero1` (parallel.zero1) decide the
     Neuron environment."""
-    name = resolve_backend_name(cfg.name)
-    if name == "cpu":
-        return CpuBackend(local_rank, cfg)
-    if name == "cuda":
-        return CudaBackend(local_rank, cfg)
-    if name == "xla":
-        from trntrain.backend.xla import XlaBackend
-
-        return XlaBackend(local_rank, cfg)
-    from trntrain.backend.neuron import NeuronBackend
-
-    rounding = cfg.stochastic_rounding
-    if rounding is None:
-        rounding = default_stochastic_rounding(precision, master_weights)
-    # The trainer steps flat fp32 slices (ShardedOptimizer) under ZeRO-1 and for bf16
-    # with master weights.
-    sharded = zero1 or (precision == "bf16" and master_weights)
-    return NeuronBackend(local_rank, cfg, stochastic_rounding=rounding, sharded_optimizer=sharded)
+    backend_class = BACKENDS[resolve_backend_name(cfg.name)]
+    return backend_class.from_config(cfg, local_rank, precision, master_weights, zero1)
 
 
-__all__ = ["Backend", "build_backend", "default_stochastic_rounding", "detect_backend",
-           "resolve_backend_name"]
+__all__ = ["AUTO", "BACKENDS", "Backend", "build_backend", "default_stochastic_rounding",
+           "detect_backend", "resolve_backend_name"]

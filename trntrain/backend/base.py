@@ -31,6 +31,18 @@ class Backend:
         self.local_rank = local_rank
         self.cfg = cfg
 
+    @classmethod
+    def from_config(cls, cfg: DictConfig, local_rank: int, precision: str,
+                    master_weights: bool, zero1: bool) -> Backend:
+        """The backend of config group `cfg`; the training precision, master weights and
+        ZeRO-1 matter to backends whose environment depends on them (neuron)."""
+        return cls(local_rank, cfg)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this machine cannot run the backend, and what would do instead (None: it can)."""
+        return None
+
     @property
     def device(self) -> torch.device:
         raise NotImplementedError

@@ -25,6 +25,13 @@ class CudaBackend(Backend):
         super().__init__(local_rank, cfg)
         torch.cuda.set_device(local_rank)
 
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if torch.cuda.is_available():
+            return None
+        return ("no CUDA device is visible to this process; valid: cpu, or auto to pick "
+                "what the machine has.")
+
     @property
     def device(self) -> torch.device:
         return torch.device("cuda", self.local_rank)

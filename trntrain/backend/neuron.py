@@ -21,6 +21,14 @@ from trntrain.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def default_stochastic_rounding(precision: str, master_weights: bool) -> bool:
+    """Stochastic rounding of bf16 results, when backend.stochastic_rounding is null: on
+    for pure bf16 (bf16 weights updated in bf16, where round-to-nearest loses small
+    updates: AWS's bf16SR), off with fp32 master weights (AWS's mixed_precision mode,
+    which runs without it) and for fp32 and bf16_autocast, whose weights are fp32."""
+    return precision == "bf16" and not master_weights
+
+
 def neuron_cc_flags(cfg: DictConfig) -> str:
     flags = ["--model-type=transformer", f"-O{cfg.neuron_opt_level}"]
     if cfg.compile_cache_dir:
@@ -81,6 +89,21 @@ class NeuronBackend(XlaBackend):
         self.stochastic_rounding = stochastic_rounding
         self.sharded_optimizer = sharded_optimizer
         super().__init__(local_rank, cfg)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, local_rank: int, precision: str,
+                    master_weights: bool, zero1: bool) -> NeuronBackend:
+        rounding = cfg.stochastic_rounding
+        if rounding is None:
+            rounding = default_stochastic_rounding(precision, master_weights)
+        # The trainer steps flat fp32 slices (ShardedOptimizer) under ZeRO-1 and for bf16
+        # with master weights.
+        sharded = zero1 or (precision == "bf16" and master_weights)
+        return cls(local_rank, cfg, stochastic_rounding=rounding, sharded_optimizer=sharded)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None  # told when torch-neuronx fails to import, with the import's reason
 
     def configure_environment(self) -> None:
         if self.cfg is not None:

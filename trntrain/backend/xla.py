@@ -18,6 +18,7 @@ compile graphs of its own.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
 
@@ -61,6 +62,13 @@ class XlaBackend(Backend):
         self._device = torch_xla.device()
         self.precompiling = cfg is not None and is_precompile(cfg)
 
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if importlib.util.find_spec("torch_xla") is not None:
+            return None
+        return ("torch_xla is not installed in this environment; valid: cpu, or run from "
+                ".venv-xla (make setup-xla) or install the extra: pip install 'trntrain[xla]'.")
+
     def configure_environment(self) -> None:
         """Set what must be in the environment before torch_xla starts its runtime."""
 
@@ -101,8 +109,12 @@ class XlaBackend(Backend):
         """Each step's micro-batches, copied to the device by a background thread ahead of use."""
         from torch_xla.distributed.parallel_loader import MpDeviceLoader
 
-        return iter(MpDeviceLoader(_Iterable(batches), self.device, loader_prefetch_size=4,
-                                   device_prefetch_size=2))
+        loader = MpDeviceLoader(_Iterable(batches), self.device, loader_prefetch_size=4,
+                                device_prefetch_size=2)
+        # The copy rewrites every tuple as a list (torch_xla.utils.utils.
+        # for_each_instance_rewrite): the micro-batches become Batch again.
+        for step_batches in loader:
+            yield [Batch(*batch) for batch in step_batches]
 
     def compile_count(self) -> int:
         data = self._metrics.metric_data("CompileTime")

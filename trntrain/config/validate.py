@@ -17,8 +17,6 @@ from trntrain.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "bf16_autocast")
 LR_DECAYS = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw",)
-BACKENDS = ("auto", "cpu", "cuda", "xla", "neuron")
 PJRT_DEVICES = ("CPU", "CUDA", "NEURON", "TPU")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -225,20 +223,22 @@ def _validate_tensor_parallel(cfg: DictConfig) -> None:
 
 
 def _validate_pipeline(cfg: DictConfig, world_size: int) -> None:
+    from trntrain.backend import AUTO, BACKENDS, detect_backend
     from trntrain.parallel.pipeline import TRANSPORTS
     from trntrain.parallel.pipeline_schedule import SCHEDULES
 
     p = cfg.parallel
     require(p.virtual_pp > 0, "parallel.virtual_pp", p.virtual_pp, "a positive integer")
-    require(p.schedule in SCHEDULES, "parallel.schedule", p.schedule, f"one of {SCHEDULES}")
-    require(p.pp_transport in TRANSPORTS, "parallel.pp_transport", p.pp_transport,
-            f"one of {TRANSPORTS}")
-    if p.pp > 1 and p.pp_transport == "isend":
-        from trntrain.backend import detect_backend
-
-        backend = detect_backend() if cfg.backend.name == "auto" else cfg.backend.name
-        require(backend not in ("xla", "neuron"), "parallel.pp_transport", p.pp_transport,
-                f"auto or allgather on backend {backend}",
+    require(p.schedule in SCHEDULES, "parallel.schedule", p.schedule,
+            f"one of {tuple(SCHEDULES)}")
+    require(p.pp_transport == "auto" or p.pp_transport in TRANSPORTS, "parallel.pp_transport",
+            p.pp_transport, f"one of {('auto', *TRANSPORTS)}")
+    backend = detect_backend() if cfg.backend.name == AUTO else cfg.backend.name
+    if p.pp > 1 and p.pp_transport != "auto" and backend in BACKENDS:
+        fit = [t for t in TRANSPORTS if TRANSPORTS[t].lazy_ok]
+        require(TRANSPORTS[p.pp_transport].lazy_ok or not BACKENDS[backend].lazy,
+                "parallel.pp_transport", p.pp_transport,
+                f"auto or {' or '.join(fit)} on backend {backend}",
                 "torch-xla runs every send and receive as a collective_permute of its own "
                 "followed by a graph sync, which serialises the pipeline at each transfer;")
     require(p.microbatches is None or p.microbatches > 0, "parallel.microbatches",
@@ -264,7 +264,7 @@ def _validate_pipeline(cfg: DictConfig, world_size: int) -> None:
                     "the interleaved schedule sends micro-batches through in groups of pp;")
     else:
         require(p.virtual_pp == 1, "parallel.virtual_pp", p.virtual_pp,
-                "1 for gpipe and 1f1b (interleaved_1f1b for more)")
+                f"1 for parallel.schedule={p.schedule} (interleaved_1f1b for more)")
 
 
 def _validate_cluster(cfg: DictConfig) -> None:
@@ -333,7 +333,9 @@ def _validate_train(cfg: DictConfig, world_size: int) -> None:
 
 def _validate_optim(cfg: DictConfig) -> None:
     o = cfg.optim
-    require(o.name in OPTIMIZERS, "optim.name", o.name, f"one of {OPTIMIZERS}")
+    from trntrain.optim import OPTIMIZERS
+
+    require(o.name in OPTIMIZERS, "optim.name", o.name, f"one of {tuple(OPTIMIZERS)}")
     require(o.lr > 0, "optim.lr", o.lr, "a positive float")
     require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "a float in [0, 1]")
     require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
@@ -389,9 +391,11 @@ def _validate_data_source(cfg: DictConfig, d: DictConfig, field: str) -> None:
 
 
 def _validate_rest(cfg: DictConfig) -> None:
+    from trntrain.backend import AUTO, BACKENDS
     from trntrain.checkpoint import CHECKPOINTERS
 
-    require(cfg.backend.name in BACKENDS, "backend.name", cfg.backend.name, f"one of {BACKENDS}")
+    require(cfg.backend.name == AUTO or cfg.backend.name in BACKENDS, "backend.name",
+            cfg.backend.name, f"one of {(AUTO, *BACKENDS)}")
     b = cfg.backend
     require(b.timeout_s > 0, "backend.timeout_s", b.timeout_s, "a positive number of seconds")
     require(b.pjrt_device is None or b.pjrt_device in PJRT_DEVICES, "backend.pjrt_device",

@@ -1,6 +1,7 @@
 """Metric records and the sinks they go to, chosen by `logging.sinks` (rank 0 only):
 console, jsonl (metrics.jsonl), tensorboard (event files in <run.dir>/tensorboard),
-wandb and mlflow (offline / local files; extras, never a network call by default)."""
+wandb and mlflow (offline / local files; extras, never a network call by default).
+Packages add sinks through the `trntrain.sinks` entry point group with a Sink subclass."""
 
 from __future__ import annotations
 
@@ -9,16 +10,15 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from trntrain.errors import UserError
+from trntrain.plugins import Registry
 from trntrain.run_dir import METRICS_FILE
 
 logger = logging.getLogger("trntrain")
-
-SINKS = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
 
 # Order and format of the console line; other keys go to the other sinks only.
 CONSOLE_FIELDS = [
@@ -43,14 +43,29 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class Sink:
+    # Whether it writes into the run directory (runs without one, such as a precompile
+    # pass, leave it out).
+    writes_files: ClassVar[bool] = True
+
+    @classmethod
+    def for_run(cls, run_dir: Path, cfg: DictConfig, max_steps: int) -> Sink:
+        """The sink of a run: its directory, its whole config, its number of steps."""
+        raise NotImplementedError
+
     def log(self, record: dict[str, Any]) -> None: ...
 
     def close(self) -> None: ...
 
 
 class ConsoleSink(Sink):
+    writes_files = False
+
     def __init__(self, max_steps: int) -> None:
         self.max_steps = max_steps
+
+    @classmethod
+    def for_run(cls, run_dir, cfg, max_steps):
+        return cls(max_steps)
 
     def log(self, record):
         logger.info(format_console(record, self.max_steps))
@@ -70,6 +85,10 @@ class JsonlSink(Sink):
             self._file = path.open("a", encoding="utf-8")
         except OSError as err:
             raise write_failed(path, err) from None
+
+    @classmethod
+    def for_run(cls, run_dir, cfg, max_steps):
+        return cls(run_dir / METRICS_FILE)
 
     def log(self, record):
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -101,6 +120,10 @@ class TensorBoardSink(Sink):
 
         self.writer = SummaryWriter(log_dir=str(directory))
 
+    @classmethod
+    def for_run(cls, run_dir, cfg, max_steps):
+        return cls(run_dir / "tensorboard")
+
     def log(self, record):
         for key, value in scalars(record).items():
             self.writer.add_scalar(key, value, record["step"])
@@ -119,6 +142,10 @@ class WandbSink(Sink):
 
         self.run = wandb.init(mode="offline", dir=str(run_dir), name=run_dir.name,
                               config=OmegaConf.to_container(cfg, resolve=True))
+
+    @classmethod
+    def for_run(cls, run_dir, cfg, max_steps):
+        return cls(run_dir, cfg)
 
     def log(self, record):
         self.run.log(scalars(record), step=record["step"])
@@ -141,6 +168,10 @@ class MlflowSink(Sink):
         mlflow.log_params({f"{section}.{k}": v for section, values in flat.items()
                            if isinstance(values, dict) for k, v in values.items()
                            if not isinstance(v, (dict, list))})
+
+    @classmethod
+    def for_run(cls, run_dir, cfg, max_steps):
+        return cls(run_dir, cfg)
 
     def log(self, record):
         self.mlflow.log_metrics(scalars(record), step=record["step"])
@@ -194,23 +225,21 @@ class MetricsLogger:
         self.sinks = []
 
 
+# logging.sinks names -> Sink subclasses.
+SINKS: Registry[type[Sink]] = Registry("trntrain.sinks")
+SINKS["console"] = ConsoleSink
+SINKS["jsonl"] = JsonlSink
+SINKS["tensorboard"] = TensorBoardSink
+SINKS["wandb"] = WandbSink
+SINKS["mlflow"] = MlflowSink
+
+
 def build_metrics_logger(cfg: DictConfig, run_dir: Path | None, is_main: bool,
                          max_steps: int) -> MetricsLogger:
-    """The sinks of logging.sinks, on the main rank; files only with a run directory."""
+    """The sinks of logging.sinks, on the main rank; those that write files only with a
+    run directory."""
     if not is_main:
         return MetricsLogger([])
-    sinks: list[Sink] = []
-    for name in cfg.logging.sinks:
-        if name == "console":
-            sinks.append(ConsoleSink(max_steps))
-        elif run_dir is None:
-            continue
-        elif name == "jsonl":
-            sinks.append(JsonlSink(run_dir / METRICS_FILE))
-        elif name == "tensorboard":
-            sinks.append(TensorBoardSink(run_dir / "tensorboard"))
-        elif name == "wandb":
-            sinks.append(WandbSink(run_dir, cfg))
-        elif name == "mlflow":
-            sinks.append(MlflowSink(run_dir, cfg))
-    return MetricsLogger(sinks)
+    sinks = [SINKS[name] for name in cfg.logging.sinks]
+    return MetricsLogger([sink.for_run(run_dir, cfg, max_steps) for sink in sinks
+                          if run_dir is not None or not sink.writes_files])

@@ -18,8 +18,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from trntrain.optim import build_optimizer
+from trntrain.optim import build_optimizer, decays
 from trntrain.parallel.comm import Group, all_reduce, group_size
+from trntrain.parallel.flat import pack, unpack
 
 
 def gradient(p: nn.Parameter) -> torch.Tensor | None:
@@ -78,14 +79,12 @@ class GradientReducer:
         for bucket in self.buckets:
             grads = [gradient(p) if gradient(p) is not None else torch.zeros_like(p)
                      for p in bucket]
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = pack(grads)
             if self.average:
                 flat.div_(self.size)
             all_reduce(flat, self.group)
-            offset = 0
-            for p, g in zip(bucket, grads, strict=True):
-                set_gradient(p, flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            for p, reduced in zip(bucket, unpack(flat, grads), strict=True):
+                set_gradient(p, reduced)
 
 
 def is_tp_sharded(param: nn.Parameter) -> bool:
@@ -136,7 +135,7 @@ class ReplicatedOptimizer:
     def __init__(self, params: list[nn.Parameter], optim_cfg: DictConfig, dp_group: Group,
                  bucket_mb: float) -> None:
         self.params = params
-        self.optimizer = build_optimizer(params, optim_cfg)
+        self.optimizer = build_optimizer(params, [decays(p) for p in params], optim_cfg)
         self._reducer = GradientReducer(params, dp_group, bucket_mb, average=True)
 
     def reduce_gradients(self) -> None:

@@ -35,8 +35,7 @@ from trntrain.parallel.pipeline_schedule import (
     rank_actions,
     timetable,
 )
-
-TRANSPORTS = ("auto", "isend", "allgather")
+from trntrain.plugins import Registry
 
 
 def partition_layers(costs: list[float], chunks: int, head_cost: float) -> list[range]:
@@ -93,6 +92,10 @@ class Arrival:
 
 
 class Transport:
+    # Whether it runs well on lazy tensors (XLA): torch-xla runs each point-to-point send
+    # and receive as a collective_permute of its own followed by a graph sync.
+    lazy_ok: bool = True
+
     def __init__(self, groups: PipelineGroups, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device) -> None:
         self.groups = groups
@@ -113,6 +116,8 @@ class IsendTransport(Transport):
     """Sends and receives are posted at their tick and waited for only when the data
     is needed (a receive) or at the end of the step (a send): a rank runs ahead of
     its neighbours as far as the data allows, instead of in lock-step with them."""
+
+    lazy_ok = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -171,10 +176,26 @@ class AllGatherTransport(Transport):
         return received
 
 
+# parallel.pp_transport -> Transport subclass; packages add theirs through the
+# `trntrain.pp_transports` entry point group.
+TRANSPORTS: Registry[type[Transport]] = Registry("trntrain.pp_transports")
+TRANSPORTS["isend"] = IsendTransport
+TRANSPORTS["allgather"] = AllGatherTransport
+# parallel.pp_transport=auto: the first of these the backend runs well.
+AUTO_TRANSPORTS = ("isend", "allgather")
+
+
+def transport_for(name: str, lazy_backend: bool) -> str:
+    """parallel.pp_transport with auto resolved: isend on eager backends; on lazy ones
+    (XLA) a transport built of collectives every rank traces."""
+    if name != "auto":
+        return name
+    return next(t for t in AUTO_TRANSPORTS if TRANSPORTS[t].lazy_ok or not lazy_backend)
+
+
 def build_transport(name: str, groups: PipelineGroups, shape: tuple[int, ...],
                     dtype: torch.dtype, device: torch.device) -> Transport:
-    cls = {"isend": IsendTransport, "allgather": AllGatherTransport}[name]
-    return cls(groups, shape, dtype, device)
+    return TRANSPORTS[name](groups, shape, dtype, device)
 
 
 class PipelineRunner:

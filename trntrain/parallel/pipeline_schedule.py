@@ -14,11 +14,11 @@ collectives, as torch-xla needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from trntrain.errors import UserError
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+from trntrain.plugins import Registry
 
 
 @dataclass(frozen=True)
@@ -50,30 +50,53 @@ def _one_f_one_b(forwards: list[Action], backwards: list[Action], warmup: int) -
     return order + backwards[len(forwards) - warmup:]
 
 
+def gpipe_actions(stages: int, virtual: int, microbatches: int, rank: int) -> list[Action]:
+    """Every forward, then every backward."""
+    forwards = [Action("F", rank, i) for i in range(microbatches)]
+    backwards = [Action("B", rank, i) for i in range(microbatches)]
+    return _one_f_one_b(forwards, backwards, microbatches)
+
+
+def one_f_one_b_actions(stages: int, virtual: int, microbatches: int, rank: int
+                        ) -> list[Action]:
+    """stages - rank - 1 forwards, then one forward and one backward in turn."""
+    forwards = [Action("F", rank, i) for i in range(microbatches)]
+    backwards = [Action("B", rank, i) for i in range(microbatches)]
+    return _one_f_one_b(forwards, backwards, stages - rank - 1)
+
+
+def interleaved_actions(stages: int, virtual: int, microbatches: int, rank: int
+                        ) -> list[Action]:
+    """Megatron's order: p micro-batches through chunk 0, then through chunk 1, ...;
+    backward walks the chunks in reverse."""
+    p, v, m = stages, virtual, microbatches
+
+    def local(k: int, backward: bool) -> Action:
+        chunk = (k // p) % v
+        if backward:
+            chunk = v - 1 - chunk
+        mb = (k // (p * v)) * p + k % p
+        return Action("B" if backward else "F", chunk * p + rank, mb)
+
+    forwards = [local(k, False) for k in range(m * v)]
+    backwards = [local(k, True) for k in range(m * v)]
+    return _one_f_one_b(forwards, backwards, (p - rank - 1) * 2 + (v - 1) * p)
+
+
+# parallel.schedule -> the ordered actions of one pipeline rank, given (stages, virtual
+# stages, micro-batches, rank); packages add theirs through the
+# `trntrain.pipeline_schedules` entry point group.
+ScheduleFn = Callable[[int, int, int, int], list[Action]]
+SCHEDULES: Registry[ScheduleFn] = Registry("trntrain.pipeline_schedules")
+SCHEDULES["gpipe"] = gpipe_actions
+SCHEDULES["1f1b"] = one_f_one_b_actions
+SCHEDULES["interleaved_1f1b"] = interleaved_actions
+
+
 def rank_actions(schedule: str, stages: int, virtual: int, microbatches: int, rank: int
                  ) -> list[Action]:
-    """The ordered actions of pipeline rank `rank`."""
-    p, v, m = stages, virtual, microbatches
-    if schedule in ("gpipe", "1f1b"):
-        forwards = [Action("F", rank, i) for i in range(m)]
-        backwards = [Action("B", rank, i) for i in range(m)]
-        warmup = m if schedule == "gpipe" else p - rank - 1
-        return _one_f_one_b(forwards, backwards, warmup)
-    if schedule == "interleaved_1f1b":
-        # Megatron's order: p micro-batches through chunk 0, then through chunk 1, ...;
-        # backward walks the chunks in reverse.
-        def local(k: int, backward: bool) -> Action:
-            chunk = (k // p) % v
-            if backward:
-                chunk = v - 1 - chunk
-            mb = (k // (p * v)) * p + k % p
-            return Action("B" if backward else "F", chunk * p + rank, mb)
-
-        forwards = [local(k, False) for k in range(m * v)]
-        backwards = [local(k, True) for k in range(m * v)]
-        warmup = (p - rank - 1) * 2 + (v - 1) * p
-        return _one_f_one_b(forwards, backwards, warmup)
-    raise ValueError(f"unknown schedule {schedule!r}")
+    """The ordered actions of pipeline rank `rank` under `schedule`."""
+    return SCHEDULES[schedule](stages, virtual, microbatches, rank)
 
 
 def forward_only_actions(stages: int, virtual: int, microbatches: int, rank: int

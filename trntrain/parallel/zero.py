@@ -39,9 +39,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from trntrain.optim import build_adamw, decays
+from trntrain.optim import build_optimizer, decays
 from trntrain.parallel.comm import Group, all_gather_dim, group_rank, group_size
 from trntrain.parallel.comm import reduce_scatter_dim as reduce_scatter
+from trntrain.parallel.flat import pack, unpack
 from trntrain.parallel.gradients import global_norm, gradient
 
 COMM_DTYPES = ("param", "fp32")
@@ -108,15 +109,14 @@ class ShardedOptimizer:
         for key, current in open_buckets.items():
             if current:
                 self._add_bucket(current, key)
-        self.optimizer = build_adamw([b.master for b in self.buckets if b.decay],
-                                     [b.master for b in self.buckets if not b.decay], optim_cfg)
+        self.optimizer = build_optimizer([b.master for b in self.buckets],
+                                         [b.decay for b in self.buckets], optim_cfg)
 
     def _add_bucket(self, params: list[nn.Parameter], key: tuple) -> None:
         decay, tp_sharded, counted, _ = key
         numel = sum(p.numel() for p in params)
         padded = -(-numel // self.dp) * self.dp
-        flat = torch.zeros(padded, dtype=torch.float32, device=params[0].device)
-        torch.cat([p.detach().reshape(-1).float() for p in params], out=flat[:numel])
+        flat = pack([p.detach() for p in params], torch.float32, padded)
         master = flat.chunk(self.dp)[self.dp_rank].clone()
         self.buckets.append(Bucket(params, decay, tp_sharded, counted, numel, padded, master))
 
@@ -136,12 +136,9 @@ class ShardedOptimizer:
     def reduce_gradients(self) -> None:
         """Each rank's slice of the dp-averaged gradient, as its (fp32) master's .grad."""
         for b in self.buckets:
-            dtype = self.grad_comm_dtype(b)
-            device = b.master.device
-            flat = torch.zeros(b.padded, dtype=dtype, device=device)
-            grads = [g.reshape(-1).to(dtype) if (g := gradient(p)) is not None
-                     else torch.zeros(p.numel(), dtype=dtype, device=device) for p in b.params]
-            torch.cat(grads, out=flat[:b.numel])
+            grads = [g if (g := gradient(p)) is not None else torch.zeros_like(p)
+                     for p in b.params]
+            flat = pack(grads, self.grad_comm_dtype(b), b.padded)
             if self.dp > 1:
                 flat.div_(self.dp)
             b.master.grad = reduce_scatter(flat, 0, self.dp_group).float()
@@ -173,10 +170,8 @@ class ShardedOptimizer:
         self.optimizer.step()
         for b in self.buckets:
             flat = all_gather_dim(b.master.to(self.weight_comm_dtype(b)), 0, self.dp_group)
-            offset = 0
-            for p in b.params:
-                p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            for p, updated in zip(b.params, unpack(flat, b.params), strict=True):
+                p.copy_(updated)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for b in self.buckets:
