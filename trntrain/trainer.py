@@ -42,7 +42,7 @@ from trntrain.checkpoint.state import (
 from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.data.base import IGNORE_INDEX
-from trntrain.distributed import World, host_copy, host_group
+from trntrain.distributed import World, broadcast_object, host_copy, host_group
 from trntrain.faults import (
     NonFiniteError,
     StopRequest,
@@ -68,6 +68,8 @@ from trntrain.parallel.pipeline import (
 )
 from trntrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 from trntrain.parallel.zero import ShardedOptimizer
+from trntrain.peft import apply_lora, init_adapters, lora_enabled
+from trntrain.peft.base import BaseWeights, base_fingerprint
 from trntrain.run_dir import METRICS_FILE
 
 logger = logging.getLogger("trntrain")
@@ -90,7 +92,8 @@ def build_loss_fn(last_chunk: nn.Module | None, mesh: Mesh) -> Callable:
 def build_model_chunks(cfg: DictConfig, mesh: Mesh, device: torch.device
                        ) -> dict[int, nn.Module]:
     """This rank's model chunks by global chunk index: the whole model without
-    pipelining, else chunks stage, stage + pp, ... of the pp * virtual_pp chunks."""
+    pipelining, else chunks stage, stage + pp, ... of the pp * virtual_pp chunks; under
+    peft=lora with the adapters applied and the base frozen."""
     p, v, m = cfg.parallel.pp, cfg.parallel.virtual_pp, cfg.model
     if p == 1:
         v = 1
@@ -102,8 +105,13 @@ def build_model_chunks(cfg: DictConfig, mesh: Mesh, device: torch.device
             model = build_model(m, mesh.tp_group, cfg.parallel.sequence_parallel)
         family_of(m).keep_chunk(model, bounds[index], first=index == 0,
                                 last=index == p * v - 1)
+        lora = lora_enabled(cfg.get("peft"))
+        if lora:
+            apply_lora(model, m, cfg.peft)
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, device)
         chunks[index] = materialize(model, device, cfg.train.seed)
+        if lora:
+            init_adapters(chunks[index], cfg.train.seed)
     return chunks
 
 
@@ -134,6 +142,9 @@ class Trainer:
         self.loss_fn = with_nan_fault(build_loss_fn(last, self.mesh), lambda: self.step, world)
         self.params = list({id(p): p for c in self.chunks.values() for p in c.parameters()
                             if p.requires_grad}.values())
+        # The frozen base of a LoRA run: weights only (no gradient, state or master).
+        self.frozen = list({id(p): p for c in self.chunks.values() for p in c.parameters()
+                            if not p.requires_grad}.values())
         self.num_params = sum(p.numel() for p in self.params)
         # Embedding and head tied across the first and last stage: their gradients add up,
         # and the norm counts the pair once (on the first stage). Marked before anything
@@ -146,6 +157,7 @@ class Trainer:
                 if chunk.output is not None:
                     chunk.output.weight.pp_duplicate = True
                     tied.append(chunk.output.weight)
+            tied = [p for p in tied if p.requires_grad]  # a frozen pair has no gradient
 
         # ZeRO-1 and bf16 master weights step fp32 slices of flat buckets; they are taken
         # from the fp32 initial weights, before the model itself is cast to bf16.
@@ -167,6 +179,8 @@ class Trainer:
                 p.data = p.data.to(torch.bfloat16)
                 if t.fp32_grad_accumulation:
                     p.register_post_accumulate_grad_hook(accumulate_in_fp32)
+            for p in self.frozen:
+                p.data = p.data.to(torch.bfloat16)
         self.optimizer = self.stepper.optimizer  # the torch optimizer: its param groups' lr
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.tp_grad_reducer = GradientReducer(
@@ -201,7 +215,8 @@ class Trainer:
         # loading reads it); they receive these, never the trainer.
         model_state = ModelState(cfg.model, self.chunks, self.mesh,
                                  HostLayout(self.host_tp_group,
-                                            self.sharded.dp if self.sharded else 1))
+                                            self.sharded.dp if self.sharded else 1),
+                                 peft=cfg.peft if lora_enabled(cfg.get("peft")) else None)
         self.states: States = {
             "trainer": self.progress,
             "model": model_state,
@@ -210,6 +225,12 @@ class Trainer:
                                            self.progress),
             "data": DataState(self.train_batches, self.progress),
         }
+        if model_state.peft is not None:
+            # One rank reads the base to fingerprint it; every rank checks a resume.
+            init_from = cfg.checkpoint.init_from
+            fingerprint = broadcast_object(
+                base_fingerprint(init_from, t.seed) if world.is_main else None)
+            self.states["peft"] = BaseWeights(cfg.peft, init_from, fingerprint)
         self.checkpoints = None
         if run_dir is not None and cfg.checkpoint.name != "none":
             self.checkpoints = CheckpointManager(checkpoint_dir(cfg, run_dir),
@@ -285,7 +306,7 @@ class Trainer:
 
     def memory_bytes(self) -> dict[str, int]:
         """Parameter, gradient and optimizer-state bytes on this rank."""
-        return static_memory(self.params, self.stepper.state_bytes())
+        return static_memory(self.params, self.stepper.state_bytes(), self.frozen)
 
     # -- the step ---------------------------------------------------------------------------
 

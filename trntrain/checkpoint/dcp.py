@@ -117,11 +117,12 @@ def checkpoint_keys(directory: Path) -> set[str]:
 
 
 def check_fits(directory: Path, metadata: Metadata, state: dict[str, Any],
-               model: DictConfig) -> None:
+               model: DictConfig, whole: set[str] | None = None) -> None:
     """Refuse, in one line, a checkpoint of another model than the run's: a differing
     recorded model config, parameters it has and the run has not (or the reverse), or
     a tensor of another shape. Without this, fewer layers would resume silently and
-    another width end in DCP's own traceback."""
+    another width end in DCP's own traceback. `whole`: the `model.*` keys of the whole
+    model's checkpoint (default: every parameter of `model`)."""
     recorded = directory / MODEL_CONFIG
     if recorded.is_file():
         saved = OmegaConf.to_container(OmegaConf.load(recorded), resolve=True)
@@ -135,8 +136,9 @@ def check_fits(directory: Path, metadata: Metadata, state: dict[str, Any],
                             f"model.* settings it was saved with ({recorded}), or "
                             f"checkpoint.init_from to start from other weights.")
     saved_md = metadata.state_dict_metadata
-    with torch.device("meta"):  # the whole model's names: a pipeline rank holds a part
-        whole = {f"model.{name}" for name, _ in build_model(model).named_parameters()}
+    if whole is None:
+        with torch.device("meta"):  # the whole model's names: a pipeline rank holds a part
+            whole = {f"model.{name}" for name, _ in build_model(model).named_parameters()}
     extra = sorted(k for k in saved_md if k.startswith("model.") and k not in whole)
     missing = sorted(k for k in state if k not in saved_md)
     wrong = sorted(k for k in state if k in saved_md and (
@@ -308,6 +310,8 @@ class DcpCheckpointer(Checkpointer):
         if _rank() == 0:
             # The model's shape travels with the weights, for `trntrain convert`.
             OmegaConf.save(model.model_cfg, directory / MODEL_CONFIG)
+            if "peft" in states:  # and a LoRA run's settings and base, for --merge
+                states["peft"].write_record(directory)
         background = bool(self.cfg["async"])
         # An asynchronous save writes while training changes the weights: private copies.
         save = DcpSave(host_state_dict(states, private=background), directory, step)
@@ -328,7 +332,8 @@ class DcpCheckpointer(Checkpointer):
                     "data.consumed_samples", "lr_schedule.last_epoch")
         for key in [k for k in state if k not in saved and k.endswith(optional)]:
             del state[key]
-        check_fits(directory, metadata, state, states["model"].model_cfg)
+        check_fits(directory, metadata, state, states["model"].model_cfg,
+                   states["model"].logical_names())
         try:
             dcp.load(state, storage_reader=MetadataSafeReader(str(directory)),
                      process_group=host_group(), no_dist=not dist.is_initialized())

@@ -6,7 +6,9 @@ stage, written by that stage's first tp and dp rank after gathering its tp
 shards, an index when there are several, and `config.json` for `transformers`
 (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...). Import (`checkpoint.init_from=DIR`):
 every rank reads, lazily, only the slices of the tensors it holds. Weights only: a run
-cannot resume from it (use dcp).
+cannot resume from it (use dcp). A LoRA run exports its adapters instead, as a PEFT
+adapter directory (`trntrain.peft.hf`), and its import skips them (they start as
+initialised: B zero).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from trntrain.distributed import barrier
 from trntrain.errors import UserError
 from trntrain.models import family_of
 from trntrain.parallel.comm import all_gather_dim
+from trntrain.peft import is_adapter
 
 if TYPE_CHECKING:
     from trntrain.checkpoint import States
@@ -73,6 +76,47 @@ def write_hf_metadata(directory: Path, weight_map: dict[str, str], model: DictCo
     (directory / "config.json").write_text(json.dumps(config, indent=1))
 
 
+def save_adapter(directory: Path, states: States) -> None:
+    """A LoRA run's adapters as a PEFT adapter directory: each pipeline stage's first tp
+    and dp rank writes its gathered adapters, the first rank joins them into
+    adapter_model.safetensors and writes adapter_config.json."""
+    from safetensors.torch import load_file, save_file
+
+    from trntrain.peft.hf import adapter_config, peft_name, write_adapter
+    from trntrain.peft.lora import LoRALinear
+
+    train = states["model"]
+    mesh, cfg = train.mesh, train.model_cfg
+    tensors, targets = {}, set()
+    for chunk in train.chunks.values():
+        for name, module in chunk.named_modules():
+            if isinstance(module, LoRALinear):
+                targets.add(peft_name(cfg, f"{name}.lora_A").split(".")[-3])
+        for name, p in chunk.named_parameters():
+            if is_adapter(name):
+                tensor = p.detach()
+                if hasattr(p, "tp_shard"):
+                    tensor = all_gather_dim(tensor, p.tp_shard[0], mesh.tp_group)
+                tensors[peft_name(cfg, name)] = tensor.float().cpu().contiguous()
+    part = directory / f"adapter-stage-{mesh.pp_rank:05d}.safetensors"
+    if mesh.tp_rank == 0 and mesh.dp_rank == 0:
+        save_file(tensors, str(part), metadata={"targets": ",".join(sorted(targets))})
+    barrier()  # over gloo: an xla group's barrier returns at once
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        from safetensors import safe_open
+
+        joined, all_targets = {}, set()
+        for path in sorted(directory.glob("adapter-stage-*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                all_targets.update(filter(None, f.metadata()["targets"].split(",")))
+            joined.update(load_file(str(path)))
+            path.unlink()
+        peft = states["peft"]
+        write_adapter(directory, joined,
+                      adapter_config(cfg, train.peft, peft.init_from, sorted(all_targets)))
+    barrier()
+
+
 class HfCheckpointer(Checkpointer):
     resumable = False
 
@@ -80,6 +124,9 @@ class HfCheckpointer(Checkpointer):
         """Synchronous whatever checkpoint.async says: the gathers are collectives."""
         from safetensors.torch import save_file
 
+        if states["model"].peft is not None:
+            save_adapter(directory, states)
+            return
         train, step = states["model"], states["trainer"].step
         tensors = full_tensors(train)
         mesh, stages = train.mesh, train.mesh.dims.pp
@@ -188,6 +235,8 @@ def load_hf_weights(directory: Path, chunks: Iterable[nn.Module], model_cfg: Dic
     files = hf_files(directory)
     for chunk in chunks:
         for name, p in chunk.named_parameters(remove_duplicate=False):
+            if is_adapter(name):
+                continue  # a LoRA run's adapters start as initialised
             full_shape = tuple(getattr(p, "tp_full_shape", p.shape))
             index = [slice(None)] * len(full_shape)
             if hasattr(p, "tp_shard"):

@@ -99,24 +99,37 @@ def param_key(name: str, tied: bool) -> str:
 
 class ModelState:
     """`model.<param>` for every parameter of this rank's pipeline chunks, by its name in
-    the plain model (a tied head under the embedding's)."""
+    the plain model (a tied head under the embedding's). A LoRA run (`peft`) holds its
+    adapters only (`model.layers.0.attention.wq.lora_A`): the frozen base is
+    checkpoint.init_from's, recorded by its fingerprint (`peft.base.BaseWeights`)."""
 
     def __init__(self, model_cfg: DictConfig, chunks: dict[int, nn.Module], mesh: Mesh,
-                 layout: HostLayout) -> None:
+                 layout: HostLayout, peft: DictConfig | None = None) -> None:
         self.model_cfg = model_cfg
         self.chunks = chunks  # by global chunk index
         self.mesh = mesh
         self.layout = layout
+        self.peft = peft
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         tied = self.model_cfg.tie_embeddings
         out, seen = [], set()
         for chunk in self.chunks.values():
             for name, p in chunk.named_parameters():
-                if id(p) not in seen:
+                if id(p) not in seen and (self.peft is None or p.requires_grad):
                     seen.add(id(p))
                     out.append((param_key(name, tied), p))
         return out
+
+    def logical_names(self) -> set[str]:
+        """The `model.*` keys of the whole model's checkpoint (every stage's)."""
+        from trntrain.models import build_model
+        from trntrain.peft import adapter_names
+
+        if self.peft is not None:
+            return {f"model.{n}" for n in adapter_names(self.model_cfg, self.peft)}
+        with torch.device("meta"):  # the whole model's names: a pipeline rank holds a part
+            return {f"model.{name}" for name, _ in build_model(self.model_cfg).named_parameters()}
 
     def state_dict(self) -> dict[str, Any]:
         return {f"model.{key}": Staged(p.detach(), functools.partial(self.layout.tp_tensor, p))

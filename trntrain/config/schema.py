@@ -351,6 +351,25 @@ class PlanConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (trntrain/peft/): LoRA adapters on a frozen base."""
+
+    # none | lora
+    name: str = "none"
+    # LoRA: the adapters' inner dimension r, and alpha (the update is scaled by alpha / r).
+    rank: int = 8
+    alpha: float = 16.0
+    # Dropout on the adapters' input (0: none; masks are drawn per tp rank).
+    dropout: float = 0.0
+    # Hugging Face module names the adapters attach to (q_proj, k_proj, v_proj, o_proj,
+    # gate_proj, up_proj, down_proj), or [all-linear]: every linear layer of the blocks.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # LoRA starts from checkpoint.init_from's weights; true allows a randomly
+    # initialised base instead (from-scratch experiments).
+    allow_random_base: bool = False
+
+
+@dataclass
 class TrntrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = MISSING
@@ -363,6 +382,7 @@ class TrntrainConfig:
     cluster: ClusterConfig = MISSING
     logging: LoggingConfig = MISSING
     plan: PlanConfig = field(default_factory=PlanConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 def register_configs() -> None:

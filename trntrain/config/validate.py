@@ -70,6 +70,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         _validate_optim(cfg)
         _validate_data(cfg)
         _validate_rest(cfg)
+        _validate_peft(cfg)
         validate_topology(cfg, world_size)
     except MissingMandatoryValue as err:
         raise ConfigError(err.full_key, "???", "a value: the key is mandatory") from None
@@ -429,3 +430,31 @@ def _validate_rest(cfg: DictConfig) -> None:
     for sink in cfg.logging.sinks:
         require(sink in SINKS, "logging.sinks", list(cfg.logging.sinks),
                 f"a list of {', '.join(SINKS)}")
+
+
+PEFT_METHODS = ("none", "lora")
+
+
+def _validate_peft(cfg: DictConfig) -> None:
+    p = cfg.get("peft")
+    if p is None:
+        return
+    require(p.name in PEFT_METHODS, "peft.name", p.name, f"one of {PEFT_METHODS}")
+    if p.name != "lora":
+        return
+    from trntrain.peft.lora import ALL_LINEAR, known_targets
+
+    require(isinstance(p.rank, int) and 0 < p.rank <= MAX_COUNT, "peft.rank", p.rank,
+            "a positive integer (the adapters' inner dimension, e.g. 8 or 16)")
+    require(p.alpha > 0, "peft.alpha", p.alpha, "a positive number (updates scale by alpha / rank)")
+    require(0 <= p.dropout < 1, "peft.dropout", p.dropout, "a probability in [0, 1)")
+    known = known_targets(cfg.model)
+    targets = list(p.target_modules)
+    require(bool(targets) and all(t in known or t == ALL_LINEAR for t in targets),
+            "peft.target_modules", targets, f"a list of {', '.join(known)}, or [{ALL_LINEAR}]",
+            f"it must name linear layers of the {cfg.model.family} blocks;")
+    require(cfg.checkpoint.init_from is not None or p.allow_random_base, "peft.name", p.name,
+            "checkpoint.init_from=<a Hugging Face model directory>, or "
+            "peft.allow_random_base=true for a from-scratch experiment",
+            "LoRA trains adapters on a frozen base, and checkpoint.init_from is null (the base "
+            "would be random weights);")

@@ -77,11 +77,13 @@ class ActivationMemory:
         self._hooks.__exit__(*exc)
 
 
-def static_memory(params: list[nn.Parameter], optimizer_bytes: int) -> dict[str, int]:
-    """Bytes of parameters, of their gradients (one per parameter, as during backward)
-    and of the optimizer state on this rank."""
+def static_memory(params: list[nn.Parameter], optimizer_bytes: int,
+                  frozen: list[nn.Parameter] = ()) -> dict[str, int]:
+    """Bytes of parameters (the trained and the `frozen` ones), of the trained ones'
+    gradients (one per parameter, as during backward) and of the optimizer state on
+    this rank."""
     return {
-        "params": tensor_bytes(params),
+        "params": tensor_bytes(params) + tensor_bytes(frozen),
         "grads": tensor_bytes(params),
         "optimizer": optimizer_bytes,
     }
