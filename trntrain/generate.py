@@ -170,9 +170,23 @@ class TrntrainPromptTokenizer(PromptTokenizer):
         return [int(i) for i in self._tok.encode(text)]
 
     def chat(self, messages: list[dict[str, str]]) -> list[int]:
-        raise UserError(f"generate: --messages needs a tokenizer with a chat template; the "
-                        f"{self.name!r} tokenizer has none. Valid: --prompt, or --tokenizer "
-                        f"with a Hugging Face tokenizer directory that has a chat_template.")
+        """The messages and the start of an assistant turn, in the tokenizer's chat
+        template: the byte tokenizer's built-in one, as data=chat trained with it."""
+        from trntrain.data.tokenizer import ChatError
+
+        try:
+            template = self._tok.chat_template()
+        except UserError:
+            raise UserError(f"generate: --messages needs a tokenizer with a chat template; the "
+                            f"{self.name!r} tokenizer has none. Valid: --prompt, or --tokenizer "
+                            f"with a Hugging Face tokenizer directory that has a chat_template."
+                            ) from None
+        try:
+            ids = [int(i) for i in template.prompt(messages)]
+        except ChatError as err:
+            raise UserError(f"generate: --messages: {err}.") from None
+        self.stop_ids |= set(template.stop_ids)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)

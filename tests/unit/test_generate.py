@@ -149,7 +149,7 @@ def test_sources_and_options_are_checked(tmp_path):
         check_options(args, 3)
 
 
-def test_stop_ids_from_the_directory(tmp_path):
+def test_stop_ids_from_the_directory(tmp_path, hf_tokenizer_json):
     directory = save_tiny_hf_model(tmp_path, "llama", eos_token_id=3)
     assert resolve_source(directory).stop_ids == {3}
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
@@ -158,5 +158,8 @@ def test_stop_ids_from_the_directory(tmp_path):
     assert source.stop_ids is None and source.tokenizer == "byte"
     byte = build_prompt_tokenizer("byte")
     assert byte.stop_ids == {256} and byte.decode(byte.encode("héllo")) == "héllo"
+    # The byte tokenizer's built-in template, as data=chat renders it, then the assistant's
+    # header; its turns end at 256.
+    assert byte.chat([{"role": "user", "content": "hi"}]) == list(b"<|user|>\nhi\n<|assistant|>\n")
     with pytest.raises(UserError, match="chat template"):
-        byte.chat([{"role": "user", "content": "hi"}])
+        build_prompt_tokenizer(str(hf_tokenizer_json)).chat([{"role": "user", "content": "hi"}])
