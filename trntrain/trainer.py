@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from trntrain.backend import Backend, build_backend
+from trntrain.backend.recompile import RecompileWatch, Signature, signature
 from trntrain.checkpoint import CHECKPOINTERS, States
 from trntrain.checkpoint.hf import load_hf_weights
 from trntrain.checkpoint.manager import (
@@ -53,6 +54,7 @@ from trntrain.faults import (
 )
 from trntrain.metrics import MetricsLogger, build_metrics_logger
 from trntrain.metrics.flops import mfu
+from trntrain.metrics.goodput import GOODPUT_FILE, Goodput
 from trntrain.metrics.memory import static_memory
 from trntrain.models import build_model, family_of, materialize, partition_model
 from trntrain.optim import build_lr_scheduler, lr_factor
@@ -210,6 +212,10 @@ class Trainer:
         # Host seconds per phase since the last metrics record (on a lazy backend: the
         # time to trace, not to run).
         self.phase_s: dict[str, float] = defaultdict(float)
+        # The same, since the last step's end: goodput's split of each step.
+        self.step_phase_s: dict[str, float] = defaultdict(float)
+        self.recompiles = RecompileWatch(cfg.backend.recompile)
+        self.eval_inputs: Signature = ()
         self.save_blocking_s: list[float] = []
         # What checkpointers save and restore, part by part (the step first: the others'
         # loading reads it); they receive these, never the trainer.
@@ -380,8 +386,8 @@ class Trainer:
         if self.pipeline is not None:
             mean_loss = self.pipeline.forward_backward(micro_batches, tokens)
             # The pipeline times itself: its waits for neighbours are the bubble.
-            self.phase_s["forward_backward"] += self.pipeline.compute_s
-            self.phase_s["pipeline_wait"] += self.pipeline.step_s - self.pipeline.compute_s
+            self.add_time("forward_backward", self.pipeline.compute_s)
+            self.add_time("pipeline_wait", self.pipeline.step_s - self.pipeline.compute_s)
         else:
             with self.timed("forward_backward"):
                 mean_loss = torch.zeros((), device=self.backend.device)
@@ -407,7 +413,10 @@ class Trainer:
             chunk.eval()
         total = torch.zeros((), device=self.backend.device)
         batches = self.val_batches.steps(0, self.cfg.train.eval_batches)
+        self.eval_inputs = ()
         for micro_batches in self.backend.batches(batches):
+            if not self.eval_inputs:
+                self.eval_inputs = signature(micro_batches)
             tokens = self.trained_tokens(micro_batches)
             if self.pipeline is not None:
                 total += self.pipeline.forward(micro_batches, tokens)
@@ -457,7 +466,11 @@ class Trainer:
         try:
             yield
         finally:
-            self.phase_s[phase] += time.perf_counter() - start
+            self.add_time(phase, time.perf_counter() - start)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.phase_s[phase] += seconds
+        self.step_phase_s[phase] += seconds
 
     def log_record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
                    window_steps: int, elapsed: float, eval_loss: float | None
@@ -485,6 +498,15 @@ class Trainer:
         record.update(self.backend.metrics())
         record.update({f"mem_{k}_gib": v / 2**30 for k, v in self.memory_bytes().items()})
         return record
+
+    def timed_evaluation(self, step: int) -> float:
+        """evaluate(), timed, its compilations after warm-up reported."""
+        compiled = self.backend.compile_count()
+        with self.timed("evaluation"):
+            eval_loss = self.evaluate()
+        compiled = self.backend.compile_count() - compiled
+        self.recompiles.observe("evaluation", step, compiled, self.eval_inputs)
+        return eval_loss
 
     def timed_data(self, batches: Iterator[list[Batch]]) -> Iterator[list[Batch]]:
         """The batches, the time spent waiting for each counted as the data phase."""
@@ -520,17 +542,25 @@ class Trainer:
         if jsonl is not None:
             MetricsLogger.truncate_after(jsonl, start)
         metrics = build_metrics_logger(self.cfg, self.run_dir, is_main, self.max_steps)
+        goodput = Goodput(self.run_dir / GOODPUT_FILE if is_main and self.run_dir else None,
+                          start)
         bar.update(start)
         steps = self.timed_data(
             self.backend.batches(self.train_batches.steps(start, self.max_steps)))
         window_start, window_steps = time.perf_counter(), 0
+        goodput.start()
         try:
             with StopRequest() as stop, Watchdog(self.cfg.train.watchdog_s, self.world):
                 for step, micro_batches in enumerate(steps, start=start + 1):
                     self.step = step
                     note(f"step {step}")
                     inject_fault("start", step, self.world)
+                    compiled = self.backend.compile_count()
                     loss, grad_norm = self.train_step(micro_batches)
+                    compiled = self.backend.compile_count() - compiled
+                    goodput.reached(step, self.step_phase_s, compiled > 0)
+                    self.step_phase_s.clear()
+                    self.recompiles.observe("step", step, compiled, signature(micro_batches))
                     window_steps += 1
                     bar.update(1)
                     inject_fault("step", step, self.world)
@@ -541,23 +571,30 @@ class Trainer:
                         self.backend.synchronize()
                         elapsed = time.perf_counter() - window_start
                         self.check_nonfinite_at_logging(step, grad_norm)
-                        eval_loss = self.evaluate() if self.should_eval(step) else None
-                        record = self.log_record(step, loss, grad_norm, window_steps, elapsed,
-                                                 eval_loss)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-                        metrics.log(record)
+                        eval_loss = None
+                        if self.should_eval(step):
+                            eval_loss = self.timed_evaluation(step)
+                        with self.timed("logging"):
+                            record = self.log_record(step, loss, grad_norm, window_steps,
+                                                     elapsed, eval_loss)
+                            record["goodput"] = goodput.fraction()
+                            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+                            metrics.log(record)
                         inject_fault("log", step, self.world)
                         records.append(record)
                         window_start, window_steps = time.perf_counter(), 0
                     if self.checkpoints is not None and (
                             stopping or self.checkpoints.should_save(step, self.max_steps)):
                         self.save_checkpoint(step)
+                        goodput.saved(step)
                     if stopping:
                         logger.warning("stopped after step %d on SIGTERM%s", step,
                                        "; resume with the same run.dir"
                                        if self.checkpoints is not None else "")
                         break
-            self.finish_pending_save()
+            with self.timed("checkpoint"):
+                self.finish_pending_save()
+            goodput.finish(self.step_phase_s)
         finally:
             bar.close()
             metrics.close()

@@ -188,3 +188,18 @@ def test_the_same_setting_in_two_sweeps_is_told_apart_by_directory(tmp_path):
     rows = summary_rows(write_report([first, second]).directory)
     assert list(rows) == ["optim.lr=0.001 (sweep-1/0)", "optim.lr=0.003 (sweep-1/1)",
                           "optim.lr=0.001 (sweep-2/0)", "optim.lr=0.003 (sweep-2/1)"]
+
+
+@needs_matplotlib
+def test_goodput_is_tabulated_and_drawn_per_run(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep")
+    # By hand: 3 s productive of 12 s in all is 25 %; the other run has no ledger.
+    seconds = {"productive": 3.0, "startup": 4.0, "compilation": 2.0, "checkpoint": 1.0,
+               "lost_to_restarts": 2.0}
+    (sweep / "0" / "goodput.json").write_text(json.dumps({"seconds": seconds}))
+    out = write_report([sweep]).directory
+    rows = summary_rows(out)
+    assert (rows["optim.lr=0.001"]["goodput"], rows["optim.lr=0.003"]["goodput"]) == (
+        "25.0%", "-")
+    data = (out / "goodput.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -68,6 +68,10 @@ class Backend:
         groups are `axis_groups` (None: the process-group backend needs nothing)."""
         return None
 
+    def compile_count(self) -> int:
+        """Graphs compiled so far (lazy backends; eager ones compile none)."""
+        return 0
+
     def synchronize(self) -> None:
         """Wait for queued device work, so that host timings mean something."""
 

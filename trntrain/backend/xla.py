@@ -120,13 +120,19 @@ class XlaBackend(Backend):
         data = self._metrics.metric_data("CompileTime")
         return int(data[0]) if data else 0
 
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling graphs so far (the CompileTime metric's sum, in ns)."""
+        data = self._metrics.metric_data("CompileTime")
+        return data[1] / 1e9 if data else 0.0
+
     def host_transfer_count(self) -> int:
         """Device-to-host transfers so far: each one is a synchronisation."""
         data = self._metrics.metric_data("TransferFromDeviceTime")
         return int(data[0]) if data else 0
 
     def metrics(self) -> dict[str, float]:
-        return {"xla_compiles": self.compile_count(), "mem_host_peak_gib": host_peak_rss_gib()}
+        return {"xla_compiles": self.compile_count(), "xla_compile_s": self.compile_seconds(),
+                "mem_host_peak_gib": host_peak_rss_gib()}
 
 
 class _Iterable:

@@ -293,6 +293,9 @@ class BackendConfig:
     # NEURON_EXTRACT_GRAPHS_ONLY).
     precompile: bool = False
     precompile_steps: int = 3
+    # xla, neuron: a graph compiled after warm-up (a step or evaluation whose inputs or
+    # traced values changed) is reported (warn), stops the run (error) or is ignored.
+    recompile: str = "warn"
 
 
 @dataclass

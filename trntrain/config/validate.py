@@ -405,6 +405,9 @@ def _validate_rest(cfg: DictConfig) -> None:
             "1, 2 or 3")
     require(b.precompile_steps > 0, "backend.precompile_steps", b.precompile_steps,
             "a positive integer")
+    from trntrain.backend.recompile import POLICIES
+
+    require(b.recompile in POLICIES, "backend.recompile", b.recompile, f"one of {POLICIES}")
     require(b.async_exec_max_inflight_requests > 0, "backend.async_exec_max_inflight_requests",
             b.async_exec_max_inflight_requests,
             "a positive number of graphs the Neuron runtime may queue (AWS: 3, or 7 with pp)")

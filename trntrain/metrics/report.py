@@ -2,7 +2,8 @@
 
 Each run directory holds `config.yaml` and `metrics.jsonl` (see trntrain.run_dir); a Hydra
 sweep directory holds one such directory per job. `write_report` overlays the runs in
-`loss.png`, `lr.png`, `throughput.png` and `memory.png`, and tabulates them in `summary.txt`.
+`loss.png`, `lr.png`, `throughput.png` and `memory.png`, draws where their wall time went
+in `goodput.png` (from each run's goodput.json), and tabulates them in `summary.txt`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from trntrain.errors import UserError
+from trntrain.metrics.goodput import CATEGORIES, GOODPUT_FILE
 from trntrain.run_dir import METRICS_FILE
 
 _VALID_DIR = ("a run directory holding metrics.jsonl (as `trntrain train` writes it), or a "
@@ -28,6 +30,15 @@ class Run:
     config: dict[str, Any]  # flattened: {"optim.lr": 0.001, ...}; empty without config.yaml
     records: list[dict[str, Any]]
     label: str = ""
+    # Seconds by goodput category over all attempts (goodput.json); None without one.
+    goodput: dict[str, float] | None = None
+
+
+def read_goodput(run_dir: Path) -> dict[str, float] | None:
+    try:
+        return json.loads((run_dir / GOODPUT_FILE).read_text())["seconds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def expand_run_dirs(paths: list[Path]) -> list[Path]:
@@ -201,6 +212,19 @@ def plot_runs(runs: list[Run], out_dir: Path) -> None:
     fig.suptitle("Memory per rank (mem_*_gib)")
     _save(plt, fig, axes, out_dir / "memory.png")
 
+    accounted = [r for r in runs if r.goodput]
+    if accounted:
+        fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * len(accounted)))
+        left = [0.0] * len(accounted)
+        for category in CATEGORIES:
+            share = [r.goodput.get(category, 0.0) / sum(r.goodput.values())
+                     for r in accounted]
+            ax.barh([r.label for r in accounted], share, left=left, label=category)
+            left = [a + b for a, b in zip(left, share, strict=True)]
+        ax.set(title="Where the wall time went (goodput.json, all attempts)",
+               xlabel="fraction of wall time", xlim=(0, 1))
+        _save(plt, fig, [ax], out_dir / "goodput.png")
+
 
 def _short(mem_key: str) -> str:
     return mem_key.removeprefix("mem_").removesuffix("_gib")
@@ -218,11 +242,14 @@ def _fmt(value: float | None, spec: str) -> str:
 def _row(run: Run, mem_keys: list[str]) -> list[str]:
     records = run.records
     tokens_per_s = series(records[1:], "tokens_per_s")[1]  # the first record holds warm-up
+    goodput = (run.goodput["productive"] / sum(run.goodput.values())
+               if run.goodput and sum(run.goodput.values()) > 0 else None)
     return [run.label, str(max(r["step"] for r in records)),
             _fmt(at(records, "loss", 0), ".4f"), _fmt(at(records, "loss", -1), ".4f"),
             _fmt(min(series(records, "eval_loss")[1], default=None), ".4f"),
             _fmt(at(records, "eval_loss", -1), ".4f"),
             _fmt(statistics.median(tokens_per_s) if tokens_per_s else None, ",.0f"),
+            _fmt(goodput, ".1%"),
             *(_fmt(max(series(records, k)[1], default=None), ".3f") for k in mem_keys)]
 
 
@@ -230,12 +257,13 @@ def summarize(runs: list[Run]) -> str:
     """The summary table, one row per run; for a comparison, the run with the lowest loss."""
     mem_keys = memory_keys(runs)
     table = [["run", "steps", "loss first", "loss final", "eval best", "eval final", "tokens/s",
-              *map(_short, mem_keys)], *(_row(run, mem_keys) for run in runs)]
+              "goodput", *map(_short, mem_keys)], *(_row(run, mem_keys) for run in runs)]
     widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
     lines = ["  ".join(cell.rjust(w) if c else cell.ljust(w)
                        for c, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
              for row in table]
-    lines += ["", "tokens/s: median after the first record (warm-up); memory: peak GiB per rank."]
+    lines += ["", "tokens/s: median after the first record (warm-up); goodput: productive share "
+              "of the wall time over all attempts; memory: peak GiB per rank."]
     if len(runs) > 1:
         for key, what in [("loss", "final training loss"), ("eval_loss", "final eval loss")]:
             finals = [(v, r.label) for r in runs
@@ -258,7 +286,8 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Report:
     out_dir defaults to the run directory itself for one run, else `<common parent>/report`.
     """
     paths = expand_run_dirs(run_dirs)
-    runs = [Run(p, read_config(p), read_metrics(p / METRICS_FILE)) for p in paths]
+    runs = [Run(p, read_config(p), read_metrics(p / METRICS_FILE), goodput=read_goodput(p))
+            for p in paths]
     label_runs(runs)
     if out_dir is None:
         out_dir = paths[0] if len(paths) == 1 else Path(os.path.commonpath(paths)) / "report"
