@@ -28,7 +28,8 @@ commands:
   train    train a model: trntrain train model=llama_tiny train.max_steps=100
            (Hydra overrides; -m for a sweep; torchrun -m trntrain train ... for several ranks)
   convert  SRC DST [--to hf|dcp]: a run's checkpoint or a DCP checkpoint to a Hugging
-           Face directory, or back
+           Face directory, or back; --merge [--base DIR]: a LoRA run's adapters merged
+           into their base, as a Hugging Face directory
   prepare  INPUT [INPUT ...] --output PREFIX [--tokenizer T] [--workers N]: tokenize
            JSONL, text or parquet files into an indexed dataset (PREFIX.bin + PREFIX.idx)
   report   RUN_DIR [RUN_DIR ...]: plots and a summary; several runs or a sweep overlaid
@@ -181,7 +182,18 @@ def convert_command(argv: list[str]) -> None:
     parser.add_argument("src", type=Path, help="run directory, DCP checkpoint or HF directory")
     parser.add_argument("dst", type=Path, help="new output directory")
     parser.add_argument("--to", choices=("hf", "dcp"), help="target format (default: the other)")
+    parser.add_argument("--merge", action="store_true", help=(
+        "LoRA: add the adapters of SRC (a LoRA run, its checkpoint, or a PEFT adapter "
+        "directory) into their base and write the full Hugging Face model"))
+    parser.add_argument("--base", type=Path, help="--merge: the base model directory "
+                        "(default: the run's checkpoint.init_from or the adapter's own)")
     args = parser.parse_args(argv)
+    if args.merge:
+        from trntrain.checkpoint.convert import merge_adapters
+
+        merge_adapters(args.src, args.dst, args.base)
+        print(f"wrote the merged model to {args.dst}")
+        return
     target = convert(args.src, args.dst, args.to)
     print(f"wrote {target} checkpoint to {args.dst}")
 
