@@ -104,7 +104,7 @@ def main() -> None:
     cfg = compose(["data=synthetic", *args.override])
     trainer = Trainer(cfg, World(), run_dir=None)
     batches = trainer.train_batches.step(0)
-    tokens = sum(labels.numel() for _, labels in batches)
+    tokens = sum(batch.labels.numel() for batch in batches)
     print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | "
           f"model {cfg.model.name} dim={cfg.model.dim} n_layers={cfg.model.n_layers} "
           f"({trainer.num_params / 1e6:.2f} M params) | {len(batches)} micro-batch(es), "
