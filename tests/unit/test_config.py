@@ -16,7 +16,7 @@ def test_default_config_composes_and_validates():
     assert cfg.model.name == "llama_tiny"
     assert cfg.data.source == "corpus"
     assert set(cfg.keys()) == {"run", "model", "parallel", "train", "optim", "data",
-                               "checkpoint", "backend", "cluster", "logging", "plan"}
+                               "checkpoint", "backend", "cluster", "logging", "plan", "peft"}
     groups = {p.name for p in config_dir().iterdir() if p.is_dir()}
     assert {"model", "parallel", "train", "optim", "data", "checkpoint", "backend", "cluster",
             "logging"} <= groups
