@@ -50,6 +50,12 @@ FP32_FEATURES = {
     # restarting per conversation, loss on the assistant's tokens.
     "chat_sft_packed": ["data=chat", "train.seq_len=128"],
     "document_masking_pretraining": ["data.document_masking=true"],
+    # LoRA on a frozen (seeded random) base; with full checkpointing, XLA's reentrant
+    # checkpoint back-propagates into the first block's adapters only because the frozen
+    # embedding's output is made to require a gradient.
+    "lora": ["peft=lora", "peft.allow_random_base=true", "optim.lr=3e-3"],
+    "lora_checkpointing_full": ["peft=lora", "peft.allow_random_base=true", "optim.lr=3e-3",
+                                "parallel.activation_checkpointing=full"],
 }
 
 
