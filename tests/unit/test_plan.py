@@ -211,28 +211,29 @@ def test_gradient_sync_buffers_by_hand():
     zero1 = layout(dp=4, zero1=True)
     # bf16 collectives (the default): bucket 17, padded 20: flat 40 bytes, no copies (the
     # gradients are bf16 already), reduce-scatter 10 and its fp32 cast 20 = 70; then its
-    # 34 bytes of gradients go, a 20-byte slice gradient stays (-14), and the flat and
-    # the list of the gradients' views (34) linger: bucket 3 peaks at -14 + 40 + 34 + 8.
+    # 34 bytes of gradients go, a 20-byte slice gradient stays (-14), and the flat
+    # lingers: bucket 3 peaks at -14 + 40 + 8.
     assert sharded_reduction(bf16, zero1, params) == (70, -14 + 4 - 6)
     # The step: AdamW's 3 temporaries of the 5-element slice (60) on top of what the
     # reduction left (-16); the gather of 5 x 4 bf16 with the cast slice peaks at 50.
     assert sharded_step_transient(bf16, zero1, params) == 3 * 4 * 5
     assert gradient_sync_bytes(bf16, zero1, params) == 70
-    # fp32 collectives: flat 80 + fp32 copies 68 + scatter 20 = 168.
+    # fp32 collectives: fp32 copies 68 + flat 80 (the copies go before the scatter).
     fp32_comm = compose(["train.precision=bf16", "parallel.zero1_comm_dtype=fp32"])
-    assert gradient_sync_bytes(fp32_comm, zero1, params) == 80 + 68 + 20
-    # fp32 accumulation: fp32 gradients, no copies; bucket 3: -48 + 80 + 68 + 16 = 116.
+    assert gradient_sync_bytes(fp32_comm, zero1, params) == 68 + 80
+    # fp32 accumulation: fp32 gradients, no copies; bucket 17: flat 80 + scatter 20.
     fp32_acc = compose(["train.precision=bf16", "train.fp32_grad_accumulation=true"])
-    assert gradient_sync_bytes(fp32_acc, zero1, params) == 116
+    assert gradient_sync_bytes(fp32_acc, zero1, params) == 80 + 20
     # dp=1, bf16: each slice gradient (fp32, 4 bytes an element) replaces 2 of bf16:
-    # the reduction ends 40 bytes up, and AdamW's temporaries (3 x 68) come on top.
-    assert sharded_reduction(bf16, layout(dp=1), params) == (108, 40)
+    # bucket 17 peaks at its flat 34 and its fp32 cast 68; the reduction ends 40 bytes
+    # up, and AdamW's temporaries (3 x 68) come on top.
+    assert sharded_reduction(bf16, layout(dp=1), params) == (34 + 68, 40)
     assert gradient_sync_bytes(bf16, layout(dp=1), params) == 40 + 204
     # All-reduce (fp32, no ZeRO-1), buckets of 12 elements in reverse order: [7, 3], [10]:
-    # the second flat (40) while the loop variable holds the first's last gradient (12).
+    # one flat of 40 at a time, the previous bucket's gradients released before it.
     assert reducer_buckets([10, 3, 7], 48 / 2**20, 4) == [10, 10]
     small = compose(["parallel.bucket_mb=0.0000457763671875"])  # 48 bytes
-    assert gradient_sync_bytes(small, layout(dp=2), params) == 12 + 40
+    assert gradient_sync_bytes(small, layout(dp=2), params) == 40
     assert gradient_sync_bytes(small, layout(dp=1), params) == 0
 
 

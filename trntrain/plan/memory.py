@@ -11,7 +11,8 @@ Static memory (exact, element for element what the trainer holds):
   tp-sharded, counted in the norm), each padded to a multiple of dp, and each rank
   keeps fp32 master weights and two fp32 moments of its 1/dp slice: 4 + 8 bytes per
   element (the standard mixed-precision Adam accounting of ZeRO, Rajbhandari et al.
-  2020: 2 + 2 + 12 bytes per parameter with bf16 weights and gradients). Without
+  2020: 2 + 2 + 12 bytes per parameter with bf16 weights and gradients); pure bf16
+  (train.master_weights=false) keeps bf16 slices and moments: 2 + 4 bytes. Without
   sharding, the moments have the parameters' dtype and there are no masters.
 
 Activations: the tensors autograd saves for backward, per token of a micro-batch and
@@ -184,13 +185,17 @@ def reducer_buckets(numels: list[int], bucket_mb: float, element_bytes: int) -> 
 def all_reduce_peak(numels: list[int], bucket_mb: float, param_element: int,
                     grad_element: int) -> float:
     """Peak above the gradients of `GradientReducer.reduce`: bucket by bucket, the flat
-    concatenation of its gradients, which then replaces them, while the loop variable
-    still holds the previous bucket's last gradient."""
-    peak = previous_last = 0.0
-    for bucket in reducer_bucket_params(numels, bucket_mb, param_element):
-        peak = max(peak, previous_last + grad_element * sum(bucket))
-        previous_last = grad_element * bucket[-1]
-    return peak
+    concatenation of its gradients (`flat.pack`), which then replaces them; the previous
+    bucket's gradients are released before it is allocated."""
+    return max((grad_element * sum(bucket)
+                for bucket in reducer_bucket_params(numels, bucket_mb, param_element)),
+               default=0.0)
+
+
+def master_bytes(train: DictConfig) -> int:
+    """Bytes of an element of `ShardedOptimizer`'s slices and of their AdamW moments:
+    fp32 master weights, or bf16 for pure bf16 (train.master_weights=false)."""
+    return 2 if train.precision == "bf16" and not train.master_weights else 4
 
 
 def gradient_bytes(train: DictConfig) -> int:
@@ -213,38 +218,35 @@ def sharded_reduction(cfg: DictConfig, layout: Layout, params: list[Param]
                       ) -> tuple[float, float]:
     """(peak, end) above the gradients' bytes of `ShardedOptimizer.reduce_gradients`,
     replayed bucket by bucket as it runs eagerly (an upper bound of what the XLA
-    compiler keeps live). Bucket i (N elements, P padded, d the dp size, c and g the
-    bytes of a communicated and of an accumulated gradient element):
-    1. `flat`, P c bytes, allocated while the previous bucket's flat (unless it became
-       the kept gradient), its list of gradients (cast copies, or views of the
-       gradients themselves when g = c) and its last gradient (held by the loop
-       variable) are still alive;
-    2. the gradients cast to c (N c; none when g = c), the previous list still alive;
-    3. the reduce-scatter output (P/d c; d=1: the flat buffer itself) and its fp32 cast
-       (none when c = 4), kept as the master slice's gradient (4 P/d) while the
-       bucket's N g bytes of gradients are released.
+    compiler keeps live). Bucket i (N elements, P padded, d the dp size, c, g and m the
+    bytes of a communicated, an accumulated gradient and a slice element); the previous
+    bucket's gradients are released when its list is replaced, before anything of
+    bucket i is allocated:
+    1. `flat.pack`: the gradients cast to c (N c; none when g = c), then `flat`, P c
+       bytes, while the previous bucket's flat is still bound (unless it became the
+       kept gradient);
+    2. the casts released, the reduce-scatter output (P/d c; d=1: the flat buffer
+       itself) and its cast to the slice's dtype (none when c = m), kept as the slice's
+       gradient (m P/d) while the bucket's N g bytes of gradients are released.
     `end`: what the slices' gradients hold beyond the gradients they replaced (positive
     at dp=1: 4 bytes for 2 of bf16)."""
-    g, (c, _) = gradient_bytes(cfg.train), comm_bytes(cfg)
+    g, (c, _), m = gradient_bytes(cfg.train), comm_bytes(cfg), master_bytes(cfg.train)
     d = layout.dp
     held = peak = 0.0  # kept slices' gradients less released gradients so far
-    lingering_flat = lingering_list = lingering_last = 0.0
+    lingering_flat = 0.0
     for bucket in optimizer_bucket_params(params, cfg.parallel.bucket_mb):
         n = sum(bucket)
         padded = -(-n // d) * d
         flat = c * padded
         copies = c * n if c != g else 0
         scattered = c * padded / d if d > 1 else 0
-        kept = 4 * padded / d
-        cast = kept if c != 4 else 0
-        peak = max(peak, held + lingering_flat + lingering_list + lingering_last + flat,
-                   held + lingering_list + flat + copies,
-                   held + flat + copies + scattered + cast)
+        kept = m * padded / d
+        cast = kept if c != m else 0
+        peak = max(peak, held + lingering_flat + copies + flat,
+                   held + flat + scattered + cast)
         held += kept - g * n
-        # What this bucket leaves alive until the next one rebinds the names.
-        lingering_flat = 0 if (d == 1 and c == 4) else flat
-        lingering_list = copies if c != g else g * n
-        lingering_last = g * bucket[-1] if c != g else 0
+        # The flat buffer stays bound until the next bucket's is returned.
+        lingering_flat = 0 if (d == 1 and c == m) else flat
     return peak, held
 
 
@@ -254,14 +256,19 @@ def sharded_step_transient(cfg: DictConfig, layout: Layout, params: list[Param])
     exp_avg_sq while the previous slice's `denom` is held, 3 x 4 P/d), then per bucket
     the slice cast to the weights' dtype w (P/d w, none for fp32) and the all-gathered
     weights (P w; d=1: the cast itself), the previous bucket's still held (measured
-    against the trainer on CPU, tests/unit/test_plan.py)."""
+    against the trainer on CPU, tests/unit/test_plan.py). Pure bf16's slices are bf16;
+    with stochastic rounding its AdamW works on fp32 copies of a slice's weights, moments
+    and gradient, with the denominator and the rounding noise: about 7 x 4 P/d (an
+    estimate, not measured)."""
     _, w = comm_bytes(cfg)
+    m = master_bytes(cfg.train)
     d = layout.dp
     slices = [-(-n // d) for n in optimizer_buckets(params, cfg.parallel.bucket_mb)]
-    adam = 3 * 4 * max(slices, default=0)
+    rounds = m == 2 and cfg.train.stochastic_rounding
+    adam = (7 * 4 if rounds else 3 * m) * max(slices, default=0)
     gather = previous = 0.0
     for size in slices:
-        cast = size * w if w != 4 else 0
+        cast = size * w if w != m else 0
         gathered = size * d * w if d > 1 else 0  # d=1: the gather returns the cast
         gather = max(gather, previous + cast + gathered)
         previous = gathered if d > 1 else cast
@@ -305,7 +312,8 @@ def static_bytes(cfg: DictConfig, layout: Layout, params: list[Param]) -> dict[s
     grads = numel * gradient_bytes(t)
     if sharded_optimizer(t, layout):
         slice_numel = sharded_elements(params, layout.dp, cfg.parallel.bucket_mb, t.precision)
-        optimizer, master = 8 * slice_numel, 4 * slice_numel
+        m = master_bytes(t)
+        optimizer, master = 2 * m * slice_numel, m * slice_numel
     else:
         optimizer, master = 2 * numel * pe, 0
     return {"params": numel * pe, "grads": grads, "optimizer_states": optimizer,
