@@ -89,7 +89,8 @@ def train_task(cfg: DictConfig) -> None:
             if warning:
                 print(f"trntrain: warning: {warning}", file=sys.stderr, flush=True)
         backend = build_backend(cfg.backend, world.local_rank, cfg.train.precision,
-                                cfg.train.master_weights, cfg.parallel.zero1)
+                                cfg.train.master_weights, cfg.parallel.zero1,
+                                cfg.train.stochastic_rounding)
         # A precompile pass (neuron_parallel_compile) writes nothing a later run could
         # resume from or append to: no run directory at all.
         keeps_run_dir = not backend.precompiling

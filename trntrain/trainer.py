@@ -57,7 +57,7 @@ from trntrain.metrics.flops import mfu
 from trntrain.metrics.goodput import GOODPUT_FILE, Goodput
 from trntrain.metrics.memory import static_memory
 from trntrain.models import build_model, family_of, materialize, partition_model
-from trntrain.optim import build_lr_scheduler, lr_factor
+from trntrain.optim import build_lr_scheduler, lr_factor, uses_stochastic_rounding
 from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh
 from trntrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from trntrain.parallel.comm import all_reduce
@@ -124,7 +124,7 @@ class Trainer:
         self.world = world
         self.backend = backend or build_backend(cfg.backend, world.local_rank,
                                                 cfg.train.precision, cfg.train.master_weights,
-                                                cfg.parallel.zero1)
+                                                cfg.parallel.zero1, cfg.train.stochastic_rounding)
         # Precompiling traces placeholder values: no checkpoint or metrics of them may
         # be left where a later run would resume from or append to them.
         self.run_dir = None if self.backend.precompiling else run_dir
@@ -161,19 +161,25 @@ class Trainer:
                     tied.append(chunk.output.weight)
             tied = [p for p in tied if p.requires_grad]  # a frozen pair has no gradient
 
-        # ZeRO-1 and bf16 master weights step fp32 slices of flat buckets; they are taken
-        # from the fp32 initial weights, before the model itself is cast to bf16.
+        # ZeRO-1 and bf16 master weights step fp32 slices of flat buckets (bf16 for pure
+        # bf16); they are taken from the fp32 initial weights, before the model itself is
+        # cast to bf16.
         t = cfg.train
         bucket_mb = cfg.parallel.bucket_mb
         # The optimizer reduces the dp gradients too: reduce-scattered into ZeRO's slices,
         # or all-reduced for the plain one.
+        # Pure bf16 (no master weights): bf16 weights and moments, rounded stochastically
+        # by the optimizer on eager backends (train.stochastic_rounding).
+        pure_bf16 = t.precision == "bf16" and not t.master_weights
+        rounding_seed = t.seed if uses_stochastic_rounding(t, self.backend.name) else None
         if cfg.parallel.zero1 or (t.precision == "bf16" and t.master_weights):
             self.stepper: ShardedOptimizer | ReplicatedOptimizer = ShardedOptimizer(
                 self.params, cfg.optim, self.mesh.dp_group, bucket_mb,
-                cfg.parallel.zero1_comm_dtype, t.fp32_grad_accumulation)
+                cfg.parallel.zero1_comm_dtype, t.fp32_grad_accumulation,
+                torch.bfloat16 if pure_bf16 else torch.float32, rounding_seed)
         else:
             self.stepper = ReplicatedOptimizer(self.params, cfg.optim, self.mesh.dp_group,
-                                               bucket_mb)
+                                               bucket_mb, rounding_seed)
         # What a checkpoint reads of the sharded layout (None: per-parameter state).
         self.sharded = self.stepper if isinstance(self.stepper, ShardedOptimizer) else None
         if t.precision == "bf16":

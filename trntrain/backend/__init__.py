@@ -42,12 +42,14 @@ def resolve_backend_name(name: str) -> str:
 
 
 def build_backend(cfg: DictConfig, local_rank: int = 0, precision: str = "fp32",
-                  master_weights: bool = True, zero1: bool = False) -> Backend:
+                  master_weights: bool = True, zero1: bool = False,
+                  stochastic_rounding: bool = True) -> Backend:
     """The backend of the `backend` config group, for the process with this LOCAL_RANK;
-    `precision`, `master_weights` (train.*) and `zero1` (parallel.zero1) decide the
-    Neuron environment."""
+    `precision`, `master_weights`, `stochastic_rounding` (train.*) and `zero1`
+    (parallel.zero1) decide the Neuron environment."""
     backend_class = BACKENDS[resolve_backend_name(cfg.name)]
-    return backend_class.from_config(cfg, local_rank, precision, master_weights, zero1)
+    return backend_class.from_config(cfg, local_rank, precision, master_weights, zero1,
+                                     stochastic_rounding)
 
 
 __all__ = ["AUTO", "BACKENDS", "Backend", "build_backend", "default_stochastic_rounding",

@@ -33,9 +33,11 @@ class Backend:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, local_rank: int, precision: str,
-                    master_weights: bool, zero1: bool) -> Backend:
-        """The backend of config group `cfg`; the training precision, master weights and
-        ZeRO-1 matter to backends whose environment depends on them (neuron)."""
+                    master_weights: bool, zero1: bool, stochastic_rounding: bool = True
+                    ) -> Backend:
+        """The backend of config group `cfg`; the training precision, master weights,
+        stochastic rounding and ZeRO-1 matter to backends whose environment depends on
+        them (neuron)."""
         return cls(local_rank, cfg)
 
     @classmethod

@@ -21,12 +21,14 @@ from trntrain.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def default_stochastic_rounding(precision: str, master_weights: bool) -> bool:
-    """Stochastic rounding of bf16 results, when backend.stochastic_rounding is null: on
-    for pure bf16 (bf16 weights updated in bf16, where round-to-nearest loses small
-    updates: AWS's bf16SR), off with fp32 master weights (AWS's mixed_precision mode,
-    which runs without it) and for fp32 and bf16_autocast, whose weights are fp32."""
-    return precision == "bf16" and not master_weights
+def default_stochastic_rounding(precision: str, master_weights: bool,
+                                requested: bool = True) -> bool:
+    """Stochastic rounding of bf16 results, when backend.stochastic_rounding is null: as
+    train.stochastic_rounding (`requested`) for pure bf16 (bf16 weights updated in bf16,
+    where round-to-nearest loses small updates: AWS's bf16SR), off with fp32 master
+    weights (AWS's mixed_precision mode, which runs without it) and for fp32 and
+    bf16_autocast, whose weights are fp32."""
+    return precision == "bf16" and not master_weights and requested
 
 
 def neuron_cc_flags(cfg: DictConfig) -> str:
@@ -92,10 +94,12 @@ class NeuronBackend(XlaBackend):
 
     @classmethod
     def from_config(cls, cfg: DictConfig, local_rank: int, precision: str,
-                    master_weights: bool, zero1: bool) -> NeuronBackend:
+                    master_weights: bool, zero1: bool, stochastic_rounding: bool = True
+                    ) -> NeuronBackend:
         rounding = cfg.stochastic_rounding
         if rounding is None:
-            rounding = default_stochastic_rounding(precision, master_weights)
+            rounding = default_stochastic_rounding(precision, master_weights,
+                                                   stochastic_rounding)
         # The trainer steps flat fp32 slices (ShardedOptimizer) under ZeRO-1 and for bf16
         # with master weights.
         sharded = zero1 or (precision == "bf16" and master_weights)

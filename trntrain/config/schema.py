@@ -100,6 +100,10 @@ class TrainConfig:
     master_weights: bool = True
     # bf16 with master weights: sum micro-batch gradients in fp32 rather than bf16.
     fp32_grad_accumulation: bool = False
+    # Pure bf16 (precision bf16, master_weights false): round the optimizer's bf16
+    # weights and moments stochastically (software on cpu/cuda, seeded; the runtime's on
+    # neuron); false: round to nearest, for comparison.
+    stochastic_rounding: bool = True
     # A non-finite loss or gradient norm: stop (before applying it), skip the step
     # (weights and optimizer state unchanged; every rank agrees), or ignore (no check:
     # the check reads the norm back every step, which lazy backends do at logging steps).
@@ -282,8 +286,8 @@ class BackendConfig:
     neuron_opt_level: int = 2
     # neuron: further neuronx-cc flags, appended to NEURON_CC_FLAGS.
     neuron_cc_flags: str = ""
-    # neuron: stochastic rounding of bf16; None: on only for pure bf16
-    # (train.precision=bf16 with train.master_weights=false).
+    # neuron: stochastic rounding of bf16 in the runtime; None: as train.stochastic_rounding
+    # for pure bf16 (train.precision=bf16 with train.master_weights=false), else off.
     stochastic_rounding: bool | None = None
     # neuron: NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS, graphs the runtime queues ahead
     # of the host (AWS: 3 for tp runs, 7 for tp x pp runs).

@@ -330,6 +330,18 @@ def _validate_train(cfg: DictConfig, world_size: int) -> None:
             "train.fp32_grad_accumulation", t.fp32_grad_accumulation,
             "false, or true with train.precision=bf16 and train.master_weights=true",
             "fp32 gradients are summed for the fp32 master weights;")
+    if t.precision == "bf16" and not t.master_weights and t.stochastic_rounding:
+        from trntrain.backend import AUTO, detect_backend
+        from trntrain.optim import SOFTWARE_ROUNDING_BACKENDS
+
+        backend = detect_backend() if cfg.backend.name == AUTO else cfg.backend.name
+        require(backend in (*SOFTWARE_ROUNDING_BACKENDS, "neuron"), "train.stochastic_rounding",
+                True, f"false on backend {backend} (or backend cpu, cuda or neuron)",
+                "it rounds in the optimizer on cpu and cuda and in the Neuron runtime; "
+                "the xla backend has neither;")
+        require(backend == "neuron" or cfg.optim.name == "adamw", "train.stochastic_rounding",
+                True, f"false with optim.name={cfg.optim.name}",
+                "the optimizer that rounds stochastically is AdamW;")
 
 
 def _validate_optim(cfg: DictConfig) -> None:

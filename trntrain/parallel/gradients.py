@@ -133,9 +133,10 @@ class ReplicatedOptimizer:
     gradients, clip, step, zero, state bytes), so the trainer holds either one alike."""
 
     def __init__(self, params: list[nn.Parameter], optim_cfg: DictConfig, dp_group: Group,
-                 bucket_mb: float) -> None:
+                 bucket_mb: float, stochastic_rounding_seed: int | None = None) -> None:
         self.params = params
-        self.optimizer = build_optimizer(params, [decays(p) for p in params], optim_cfg)
+        self.optimizer = build_optimizer(params, [decays(p) for p in params], optim_cfg,
+                                         stochastic_rounding_seed)
         self._reducer = GradientReducer(params, dp_group, bucket_mb, average=True)
 
     def reduce_gradients(self) -> None:

@@ -81,14 +81,18 @@ def _category(p: nn.Parameter) -> tuple[bool, bool, bool, torch.dtype]:
 
 
 class ShardedOptimizer:
-    """AdamW over fp32 master slices of flat parameter buckets, sharded over `dp_group`.
+    """AdamW over master slices of flat parameter buckets, sharded over `dp_group`.
 
     `comm_dtype` ("param" or "fp32") and `fp32_grad_accumulation` decide the dtype
-    of the dp collectives (see the module's docstring)."""
+    of the dp collectives (see the module's docstring). The slices are fp32 master
+    weights, or bf16 for pure bf16 (`master_dtype`, train.master_weights=false), whose
+    AdamW then rounds stochastically where `stochastic_rounding_seed` is given."""
 
     def __init__(self, params: list[nn.Parameter], optim_cfg: DictConfig, dp_group: Group,
                  bucket_mb: float, comm_dtype: str = "param",
-                 fp32_grad_accumulation: bool = False) -> None:
+                 fp32_grad_accumulation: bool = False,
+                 master_dtype: torch.dtype = torch.float32,
+                 stochastic_rounding_seed: int | None = None) -> None:
         if comm_dtype not in COMM_DTYPES:
             raise ValueError(f"comm_dtype={comm_dtype!r}; valid: one of {COMM_DTYPES}")
         self.dp_group = dp_group
@@ -96,6 +100,7 @@ class ShardedOptimizer:
         self.dp_rank = group_rank(dp_group)
         self.comm_fp32 = comm_dtype == "fp32"
         self.fp32_grads = fp32_grad_accumulation
+        self.master_dtype = master_dtype
         limit = int(bucket_mb * 2**20) // 4
         self.buckets: list[Bucket] = []
         open_buckets: dict[tuple, list[nn.Parameter]] = {}
@@ -110,13 +115,14 @@ class ShardedOptimizer:
             if current:
                 self._add_bucket(current, key)
         self.optimizer = build_optimizer([b.master for b in self.buckets],
-                                         [b.decay for b in self.buckets], optim_cfg)
+                                         [b.decay for b in self.buckets], optim_cfg,
+                                         stochastic_rounding_seed)
 
     def _add_bucket(self, params: list[nn.Parameter], key: tuple) -> None:
         decay, tp_sharded, counted, _ = key
         numel = sum(p.numel() for p in params)
         padded = -(-numel // self.dp) * self.dp
-        flat = pack([p.detach() for p in params], torch.float32, padded)
+        flat = pack([p.detach() for p in params], self.master_dtype, padded)
         master = flat.chunk(self.dp)[self.dp_rank].clone()
         self.buckets.append(Bucket(params, decay, tp_sharded, counted, numel, padded, master))
 
@@ -134,14 +140,14 @@ class ShardedOptimizer:
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Each rank's slice of the dp-averaged gradient, as its (fp32) master's .grad."""
+        """Each rank's slice of the dp-averaged gradient, as its master slice's .grad."""
         for b in self.buckets:
             grads = [g if (g := gradient(p)) is not None else torch.zeros_like(p)
                      for p in b.params]
             flat = pack(grads, self.grad_comm_dtype(b), b.padded)
             if self.dp > 1:
                 flat.div_(self.dp)
-            b.master.grad = reduce_scatter(flat, 0, self.dp_group).float()
+            b.master.grad = reduce_scatter(flat, 0, self.dp_group).to(self.master_dtype)
             for p in b.params:
                 p.grad = p.main_grad = None
 
@@ -154,7 +160,7 @@ class ShardedOptimizer:
         replicated = torch.zeros((), device=device)
         for b in self.buckets:
             if b.counted:
-                square = b.master.grad.pow(2).sum()
+                square = b.master.grad.float().pow(2).sum()
                 if b.tp_sharded:
                     sharded = sharded + square
                 else:
