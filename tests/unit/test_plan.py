@@ -401,6 +401,38 @@ def test_memory_model_matches_the_trainer(name):
             name, got["pp_rank"], model["activations"], got["activations"])
 
 
+# LoRA: the frozen base counted as weights only, the adapters (cut over tp like their
+# layers) with gradients, moments and masters.
+LORA_LAYOUTS = {
+    "lora_one_process": (1, ("peft.target_modules=[q_proj,v_proj,down_proj]",)),
+    "lora_tp2_pp2_zero1_bf16_tied": (4, ("parallel.tp=2", "parallel.pp=2", "parallel.zero1=true",
+                                         "train.precision=bf16", "parallel.dp=1",
+                                         "parallel.microbatches=2", "model.tie_embeddings=true")),
+    "lora_tp4_kv_replicated_sp": (4, ("parallel.tp=4", "model.n_kv_heads=2",
+                                      "parallel.sequence_parallel=true")),
+    "lora_dp2_zero1": (2, ("parallel.zero1=true", "peft.target_modules=[o_proj,up_proj]")),
+}
+LORA = ("peft=lora", "peft.allow_random_base=true", "peft.rank=4")
+
+
+@pytest.mark.parametrize("name", sorted(LORA_LAYOUTS))
+def test_lora_static_memory_matches_the_trainer(name):
+    world, overrides = LORA_LAYOUTS[name]
+    overrides = (*LORA, *overrides)
+    cfg = tiny_config(*MEASURE, *overrides)
+    validate(cfg, world)
+    lay = layout_from_config(cfg, world)
+    for got in run_distributed(measure, world, overrides):
+        model = stage_memory(cfg, lay, got["pp_rank"])
+        assert model["params"] == got["params"], name
+        assert model["grads"] == got["grads"], name
+        assert model["optimizer_states"] + model["master_weights"] == got["optimizer"], name
+        # Against the full fine-tuning of the same layout: the base's weights alone.
+        full = stage_memory(tiny_config(*MEASURE, *overrides[1:], "peft=none"), lay,
+                            got["pp_rank"])
+        assert model["params"] > full["params"] > 10 * model["grads"], name
+
+
 SYNC_LAYOUTS = {
     "bf16_master": (1, ("train.precision=bf16",)),
     "bf16_fp32_accumulation": (1, ("train.precision=bf16", "train.fp32_grad_accumulation=true")),

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from trntrain.models import build_model, family_of
@@ -77,9 +78,16 @@ def block_linears(model: nn.Module, model_cfg: DictConfig) -> dict[str, str]:
 
 def known_targets(model_cfg: DictConfig) -> list[str]:
     """The Hugging Face leaf names the family's blocks have, in their order."""
+    return list(_known_targets(OmegaConf.to_yaml(model_cfg)))
+
+
+@lru_cache(maxsize=64)
+def _known_targets(model_yaml: str) -> tuple[str, ...]:
+    # Cached: the planner's layout search validates thousands of layouts of one model.
+    model_cfg = OmegaConf.create(model_yaml)
     with torch.device("meta"):
         plain = build_model(model_cfg)
-    return list(dict.fromkeys(block_linears(plain, model_cfg).values()))
+    return tuple(dict.fromkeys(block_linears(plain, model_cfg).values()))
 
 
 def targeted(model: nn.Module, model_cfg: DictConfig, targets: Iterable[str]) -> list[str]:

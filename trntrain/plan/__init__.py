@@ -84,7 +84,8 @@ def validate_plan_config(cfg: DictConfig) -> None:
 
 def plan_layout(cfg: DictConfig, layout: Layout) -> Plan:
     """The plan of `layout` with the model, training and cluster of `cfg`."""
-    params = all_rank_params(cfg.model, layout, cfg.train.seq_len)
+    params = all_rank_params(cfg.model, layout, cfg.train.seq_len,
+                             getattr(cfg, "peft", None))
     stage, memory = memory_per_core(cfg, layout, params)
     time = step_time(cfg, layout, max(sum(p.numel for p in ps) for ps in params))
     c = cfg.cluster

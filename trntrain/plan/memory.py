@@ -6,6 +6,9 @@ Static memory (exact, element for element what the trainer holds):
   the kv heads and replicated whole when tp exceeds them (`ReplicatedKVLinear`);
 - gradients: one per parameter, in the parameters' dtype (fp32 `main_grad` buffers
   under `train.fp32_grad_accumulation`);
+- LoRA (peft=lora): the base's weights only (frozen: no gradient, no optimizer state,
+  no master), and the adapters as the trained parameters (`lora_params`), cut over tp
+  as `trntrain/peft/lora.py` cuts them;
 - optimizer: AdamW's two moments. With ZeRO-1 or bf16 master weights the optimizer
   is `ShardedOptimizer`: parameters packed in flat buckets per category (decay,
   tp-sharded, counted in the norm), each padded to a multiple of dp, and each rank
@@ -100,8 +103,47 @@ def rank_chunks(layout: Layout) -> list[list[int]]:
     return [[i for i in range(c) if i % p == rank] for rank in range(p)]
 
 
-def rank_params(model: DictConfig, layout: Layout, seq_len: int, rank: int) -> list[Param]:
-    """This pipeline rank's parameters in the trainer's order (`Trainer.params`)."""
+# LoRA adapters of a block, in the trainer's order: (trntrain module, HF name, tp kind).
+LORA_MODULES = (("attention.wq", "q_proj", "column"), ("attention.wk", "k_proj", "column"),
+                ("attention.wv", "v_proj", "column"), ("attention.wo", "o_proj", "row"),
+                ("feed_forward.w1", "gate_proj", "column"),
+                ("feed_forward.w2", "down_proj", "row"), ("feed_forward.w3", "up_proj", "column"))
+
+
+def lora_params(model: DictConfig, tp: int, peft: DictConfig) -> list[Param]:
+    """One block's LoRA adapters on a tp rank (A then B of each targeted layer): a
+    column-parallel layer's B and a row-parallel layer's A split over tp, the rest whole
+    (k and v whole when tp exceeds the kv heads)."""
+    from trntrain.peft.lora import ALL_LINEAR
+
+    h, f, r = model.dim, model.ffn_hidden_dim, peft.rank
+    q, kv = model.n_heads * family_head_dim(model), kv_heads(model) * family_head_dim(model)
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, f), "down_proj": (f, h), "up_proj": (h, f)}
+    targets = set(peft.target_modules)
+    out: list[Param] = []
+    for _, name, kind in LORA_MODULES:
+        if ALL_LINEAR not in targets and name not in targets:
+            continue
+        n_in, n_out = shapes[name]
+        if name in ("k_proj", "v_proj") and tp > kv_heads(model):
+            kind = "replicated"
+        split = tp > 1 and kind != "replicated"
+        a_split, b_split = split and kind == "row", split and kind == "column"
+        out.append(Param(r * (n_in // tp if a_split else n_in), True, a_split))
+        out.append(Param((n_out // tp if b_split else n_out) * r, True, b_split))
+    return out
+
+
+def rank_params(model: DictConfig, layout: Layout, seq_len: int, rank: int,
+                peft: DictConfig | None = None) -> list[Param]:
+    """This pipeline rank's trained parameters in the trainer's order (`Trainer.params`):
+    the whole model's, or under LoRA (`peft`) its adapters'."""
+    if peft is not None and peft.get("name", "none") == "lora":
+        sizes = chunk_layers(model, seq_len, layout.chunks)
+        block = lora_params(model, layout.tp, peft)
+        return [p for chunk in rank_chunks(layout)[rank] for _ in range(sizes[chunk])
+                for p in block]
     h, v_size, tp = model.dim, model.vocab_size, layout.tp
     sizes = chunk_layers(model, seq_len, layout.chunks)
     last = layout.chunks - 1
@@ -120,9 +162,18 @@ def rank_params(model: DictConfig, layout: Layout, seq_len: int, rank: int) -> l
     return out
 
 
-def all_rank_params(model: DictConfig, layout: Layout, seq_len: int) -> list[list[Param]]:
+def all_rank_params(model: DictConfig, layout: Layout, seq_len: int,
+                    peft: DictConfig | None = None) -> list[list[Param]]:
     """`rank_params` of every pipeline rank."""
-    return [rank_params(model, layout, seq_len, r) for r in range(layout.pp)]
+    return [rank_params(model, layout, seq_len, r, peft) for r in range(layout.pp)]
+
+
+def frozen_numel(cfg: DictConfig, layout: Layout, rank: int) -> int:
+    """Elements of the frozen base on a pipeline rank: the whole model's under LoRA."""
+    peft = getattr(cfg, "peft", None)
+    if peft is None or peft.get("name", "none") != "lora":
+        return 0
+    return sum(p.numel for p in rank_params(cfg.model, layout, cfg.train.seq_len, rank))
 
 
 def sharded_optimizer(train: DictConfig, layout: Layout) -> bool:
@@ -303,9 +354,11 @@ def gradient_sync_bytes(cfg: DictConfig, layout: Layout, params: list[Param]) ->
     return max(tp_peak, dp_peak)
 
 
-def static_bytes(cfg: DictConfig, layout: Layout, params: list[Param]) -> dict[str, int]:
+def static_bytes(cfg: DictConfig, layout: Layout, params: list[Param], frozen: int = 0
+                 ) -> dict[str, int]:
     """Parameters, gradients, optimizer moments and master weights on a pipeline rank
-    holding `params` (its `rank_params`)."""
+    training `params` (its `rank_params`) and holding `frozen` elements more (a LoRA
+    run's base: weights only)."""
     t = cfg.train
     numel = sum(p.numel for p in params)
     pe = param_bytes(t.precision)
@@ -316,7 +369,7 @@ def static_bytes(cfg: DictConfig, layout: Layout, params: list[Param]) -> dict[s
         optimizer, master = 2 * m * slice_numel, m * slice_numel
     else:
         optimizer, master = 2 * numel * pe, 0
-    return {"params": numel * pe, "grads": grads, "optimizer_states": optimizer,
+    return {"params": (numel + frozen) * pe, "grads": grads, "optimizer_states": optimizer,
             "master_weights": master}
 
 
@@ -410,10 +463,12 @@ def stage_memory(cfg: DictConfig, layout: Layout, rank: int,
     """Bytes on one pipeline rank, by part; `params` (the rank's `rank_params`) and `act`
     (the layout's `activation_model`) where the caller has them already."""
     if params is None:
-        params = rank_params(cfg.model, layout, cfg.train.seq_len, rank)
+        params = rank_params(cfg.model, layout, cfg.train.seq_len, rank,
+                             getattr(cfg, "peft", None))
     if act is None:
         act = activation_model(cfg, layout)
-    out: dict[str, float] = dict(static_bytes(cfg, layout, params))
+    out: dict[str, float] = dict(static_bytes(cfg, layout, params,
+                                              frozen_numel(cfg, layout, rank)))
     sizes = chunk_layers(cfg.model, cfg.train.seq_len, layout.chunks)
     last = layout.chunks - 1
     weights = tuple(sizes[c] * act.layer + (act.first if c == 0 else 0)
