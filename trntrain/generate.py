@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from trntrain.distributed import World
 from trntrain.errors import UserError
 from trntrain.models.layers import KVCache
 from trntrain.parallel.comm import Group, all_gather_dim
@@ -350,7 +352,9 @@ def load_model(source: Source, device: torch.device, dtype: torch.dtype = torch.
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trntrain generate", description=(
         "Generate text from a Hugging Face model directory, a run directory (its latest "
-        "checkpoint) or a DCP checkpoint. The continuation alone is printed on stdout, "
+        "checkpoint) or a DCP checkpoint, or from LoRA adapters (a LoRA run, its "
+        "checkpoint or a PEFT adapter directory) merged into their base. The continuation "
+        "alone is printed on stdout, "
         "logs on stderr. Several ranks: torchrun --nproc-per-node N -m trntrain generate "
         "PATH --tp N."))
     p.add_argument("path", type=Path, help="HF model directory, run directory or DCP checkpoint")
@@ -366,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens "
                    "whose probabilities reach P (nucleus sampling; default 1: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument("--base", type=Path, help="the base model directory of LoRA adapters "
+                   "(default: the one the run or adapter_config.json names)")
     p.add_argument("--tokenizer", help="byte, a Hugging Face tokenizer directory, a "
                    "tokenizer.json or a tiktoken file (default: PATH's tokenizer, else the "
                    "run's data.tokenizer, else byte)")
@@ -418,19 +424,53 @@ def check_options(args: argparse.Namespace, world_size: int) -> None:
 
 def generate_main(argv: list[str]) -> None:
     """`trntrain generate`: parse, load, decode, print (rank 0) the continuation."""
+    from trntrain.cli import reported
+    from trntrain.distributed import world_from_env
+
+    args = parser().parse_args(argv)
+    world = world_from_env()
+    with tempfile.TemporaryDirectory(prefix="trntrain-merged-") as scratch:
+        with reported(speak=world.is_main):
+            check_options(args, world.world_size)
+            source = adapted_source(args.path, args.base, Path(scratch))
+        generate(args, source, world)
+
+
+def adapted_source(path: Path, base: Path | None, scratch: Path) -> Source:
+    """The source of PATH; LoRA adapters are merged into their base first, written to
+    `scratch` (each rank merges its own copy: no collective before the model loads)."""
+    from trntrain.checkpoint.convert import holds_adapters, merge_adapters
+
+    if not holds_adapters(path):
+        if base is not None:
+            raise UserError(f"generate: --base is for LoRA adapters, and {path} holds none; "
+                            f"valid: leave --base out, or give a LoRA run, its checkpoint or a "
+                            f"PEFT adapter directory.")
+        return resolve_source(path)
+    base = merge_adapters(path, scratch / "merged", base)
+    source = resolve_source(scratch / "merged")
+    # The base's tokenizer, else the run's data.tokenizer, else byte.
+    run_cfg = OmegaConf.load(path / "config.yaml") if (path / "config.yaml").is_file() else None
+    if is_hf_tokenizer_dir(base):
+        source.tokenizer = str(base)
+    elif run_cfg is not None:
+        source.tokenizer = str(OmegaConf.select(run_cfg, "data.tokenizer", default=None)
+                               or "byte")
+    source.described = f"{path} (LoRA adapters merged into {base})"
+    return source
+
+
+def generate(args: argparse.Namespace, source: Source, world: World) -> None:
+    """Load the model of `source` on this rank's device and print the continuation."""
     from trntrain.backend import build_backend
     from trntrain.checkpoint.manager import verify_checksums_agreed
     from trntrain.cli import reported
     from trntrain.config import compose
-    from trntrain.distributed import destroy_process_group, init_process_group, world_from_env
+    from trntrain.distributed import destroy_process_group, init_process_group
     from trntrain.parallel import ParallelDims, build_mesh
     from trntrain.run_dir import setup_logging
 
-    args = parser().parse_args(argv)
-    world = world_from_env()
     with reported(speak=world.is_main):
-        check_options(args, world.world_size)
-        source = resolve_source(args.path)
         check_tensor_parallel(source.model_cfg, args.tp)
         tokenizer = build_prompt_tokenizer(args.tokenizer or source.tokenizer)
         ids = (tokenizer.chat(read_messages(args.messages)) if args.messages is not None

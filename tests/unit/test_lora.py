@@ -147,3 +147,45 @@ def test_bad_lora_settings_are_one_line(overrides, message):
     with pytest.raises(UserError, match="^" + re.escape(message)) as err:
         validate(cfg, 1)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("checkpoint", ["hf", "dcp"])
+def test_generate_from_adapters_equals_peft_generate(base, tmp_path, checkpoint, capsys):
+    """`trntrain generate` on a LoRA run (its PEFT export, or its DCP checkpoint) gives,
+    token for token, what PEFT's model on the transformers base generates greedily."""
+    from peft import PeftModel
+
+    from trntrain.data import ByteTokenizer
+    from trntrain.generate import adapted_source, generate_main, generate_tokens, load_model
+
+    run = tmp_path / "run"
+    Trainer(tiny_config(*LORA, f"checkpoint.init_from={base}", "train.max_steps=3",
+                        "optim.lr=5e-2", f"checkpoint={checkpoint}"), World(), run_dir=run).fit()
+    adapters = run / "checkpoints" / step_dir_name(3)
+    if checkpoint == "dcp":  # PEFT reads its own format: export the same adapters
+        exported = tmp_path / "peft"
+        Trainer(tiny_config(*LORA, f"checkpoint.init_from={base}", "train.max_steps=3",
+                            "optim.lr=5e-2", "checkpoint=hf"), World(),
+                run_dir=exported).fit()
+        adapters = exported / "checkpoints" / step_dir_name(3)
+    prompt = list(b"LoRA says: ")
+    peft_model = PeftModel.from_pretrained(hf_model(base), adapters).eval()
+    with torch.no_grad():
+        out = peft_model.generate(input_ids=torch.tensor([prompt]), do_sample=False,
+                                  max_new_tokens=24, min_new_tokens=24)
+    expected = out[0, len(prompt):].tolist()
+    assert expected != generate_tokens(load_model(adapted_source(base, None, tmp_path),
+                                                  torch.device("cpu")), prompt, 24)
+    source = adapted_source(run, None, tmp_path / "scratch")
+    assert generate_tokens(load_model(source, torch.device("cpu")), prompt, 24) == expected
+    # The command: the same tokens, printed as text.
+    generate_main([str(run), "--prompt", "LoRA says: ", "--max-new-tokens", "24",
+                   "--ignore-eos", "--backend", "cpu"])
+    assert capsys.readouterr().out == ByteTokenizer().decode(expected)
+
+
+def test_generate_refuses_a_base_without_adapters(base, tmp_path):
+    from trntrain.generate import adapted_source
+
+    with pytest.raises(UserError, match="--base is for LoRA adapters"):
+        adapted_source(base, base, tmp_path)

@@ -54,6 +54,16 @@ def parameter_shapes(model: DictConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in plain.named_parameters()}
 
 
+def holds_adapters(src: Path) -> bool:
+    """Whether `src` holds LoRA adapters: a PEFT adapter directory, or a LoRA run (its
+    latest checkpoint) or one of its DCP checkpoints."""
+    try:
+        kind, directory = resolve_source(src)
+    except (UserError, OSError, ValueError):
+        return False
+    return kind == "peft" or (kind == "dcp" and read_record(directory) is not None)
+
+
 def resolve_source(src: Path) -> tuple[str, Path]:
     """('dcp' | 'hf', directory) of a run directory (its latest checkpoint, in the
     checkpoint.dir of its config.yaml) or of a checkpoint directory."""
@@ -154,8 +164,9 @@ def dcp_adapters(src: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return {peft_name(model, k.removeprefix("model.")): v for k, v in state.items()}, record
 
 
-def merge_adapters(src: Path, dst: Path, base: Path | None = None) -> None:
-    """`trntrain convert SRC DST --merge [--base DIR]`: the merged full model."""
+def merge_adapters(src: Path, dst: Path, base: Path | None = None) -> Path:
+    """`trntrain convert SRC DST --merge [--base DIR]`: the merged full model. Returns
+    the base directory the adapters were merged into."""
     kind, directory = resolve_source(src)
     if kind == "dcp":
         adapters, record = dcp_adapters(directory)
@@ -183,3 +194,4 @@ def merge_adapters(src: Path, dst: Path, base: Path | None = None) -> None:
     model, tensors = base_tensors(base)
     merged = merge(tensors, adapters, scaling)
     write_hf(dst, {"model.safetensors": merged}, model, next(iter(merged.values())).dtype)
+    return base
