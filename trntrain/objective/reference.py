@@ -176,6 +176,7 @@ def save_tables(path: Path, tables: dict[str, torch.Tensor], data_key: str, ref_
     """Written whole or not at all: a temporary file renamed into place."""
     from safetensors.torch import save_file
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({s: t.detach().cpu().contiguous() for s, t in tables.items()}, str(tmp),
               metadata={"data": data_key, "reference": ref_key})
