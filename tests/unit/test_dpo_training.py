@@ -13,6 +13,8 @@ from trntrain.data.preference import demo_records
 from trntrain.distributed import World
 from trntrain.errors import UserError
 from trntrain.objective.reference import REFERENCE_FILE, LogpsForward, ModelReference
+from trntrain.plan.layout import layout_from_config
+from trntrain.plan.memory import stage_memory
 from trntrain.trainer import Trainer
 
 DPO = ("data=preference", "data.val_fraction=0.2", "objective=dpo", "train.seq_len=128",
@@ -107,3 +109,19 @@ def test_precomputed_tables_are_stored_reused_on_resume_and_checked(pairs, tmp_p
     assert "\n" not in str(err.value) and REFERENCE_FILE in str(err.value)
     with pytest.raises(UserError, match="computed with other reference weights"):
         Trainer(tiny_config(*common, "train.seed=5"), World(), run_dir=tmp_path / "a")
+
+
+@pytest.mark.parametrize("overrides", [(), ("train.precision=bf16",),
+                                       ("objective.reference=precomputed",),
+                                       ("peft=lora", "peft.allow_random_base=true")])
+def test_planner_counts_the_reference_copy_the_trainer_holds(pairs, overrides):
+    cfg = tiny_config(*DPO, pairs, *overrides)
+    trainer = Trainer(cfg, World())
+    reference = getattr(trainer.reference, "forward", None)
+    held = 0
+    if reference is not None and reference.chunks is not trainer.chunks:
+        held = sum(p.numel() * p.element_size() for c in reference.chunks.values()
+                   for p in c.parameters())
+    planned = stage_memory(cfg, layout_from_config(cfg, 1), 0)["reference_weights"]
+    assert planned == held
+    assert (held > 0) == (overrides in ((), ("train.precision=bf16",)))

@@ -10,11 +10,13 @@ from trntrain.plan import Plan
 from trntrain.plan.memory import GIB
 
 PARTS = {"params": "parameters", "grads": "gradients", "optimizer_states": "optimizer states",
-         "master_weights": "master weights", "activations": "activations",
+         "master_weights": "master weights", "reference_weights": "reference model",
+         "activations": "activations",
          "recompute": "recompute buffer", "attention_scores": "attention s x s",
          "gradient_sync": "gradient buckets"}
 TERMS = {"compute": "compute", "tp_comm": "tp collectives", "pp_p2p": "pipeline transfers",
-         "pp_bubble": "pipeline bubble", "dp_comm": "dp gradient sync"}
+         "pp_bubble": "pipeline bubble", "dp_comm": "dp gradient sync",
+         "reference_forward": "reference forward"}
 
 
 def layout_line(plan: Plan) -> str:
@@ -63,7 +65,7 @@ def text(plan: Plan, cfg: DictConfig) -> str:
     lines.append(f"step time (compute at {cfg.plan.compute_efficiency:g} of "
                  f"{c.peak_flops_per_core / 1e12:g} TFLOP/s per core, no overlap):")
     for key, label in TERMS.items():
-        if plan.time[key]:
+        if plan.time.get(key):
             lines.append(f"  {label:<22}{plan.time[key]:>9.3f} s  "
                          f"{100 * plan.time[key] / step:>5.1f} %")
     lines.append(f"  {'total':<22}{step:>9.3f} s")
