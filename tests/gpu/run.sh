@@ -11,7 +11,7 @@
 # Writes env.txt, parity.log, junit.xml, parity.json, bench.log, bench.json and
 # bench.md to RESULTS_DIR. Exit status: 0 when every parity check passed and the
 # benchmark ran, 1 otherwise, 2 when the run could not start.
-# Environment: PYTHON (default python3), PARITY_TIMEOUT_S (240), BENCH_TIMEOUT_S (330),
+# Environment: PYTHON (default python3), PARITY_TIMEOUT_S (180), BENCH_TIMEOUT_S (300),
 # BENCH_ARGS (more arguments of bench_mfu.py, e.g. "--cases 1b").
 set -uo pipefail
 
@@ -46,12 +46,12 @@ print('trntrain from', trntrain.__file__)"
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
-timeout "${PARITY_TIMEOUT_S:-240}" "$py" -m pytest -q -p no:cacheprovider -o addopts="" -rfEs \
+timeout "${PARITY_TIMEOUT_S:-180}" "$py" -m pytest -q -p no:cacheprovider -o addopts="" -rfEs \
     --junitxml="$out/junit.xml" tests/gpu/test_cuda.py 2>&1 | tee "$out/parity.log"
 parity=${PIPESTATUS[0]}
 
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-timeout "${BENCH_TIMEOUT_S:-330}" "$py" -m tests.gpu.bench_mfu --out "$out" \
+timeout "${BENCH_TIMEOUT_S:-300}" "$py" -m tests.gpu.bench_mfu --out "$out" \
     --budget-s 240 ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 
