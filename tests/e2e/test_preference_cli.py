@@ -51,6 +51,8 @@ def test_reference_free_objectives_learn_the_demo_and_are_reported(tmp_path, obj
     (["data=preference", "objective=dpo", "objective.reference=cached"],
      "objective.reference='cached' is invalid"),
     (["data=preference", "objective=simpo", "objective.beta=0"], "objective.beta=0"),
+    (["data=preference", "objective=dpo", "train.seq_len=64"],
+     "preference_demo.jsonl:1: the pair renders to 42 (prompt + chosen)"),
 ])
 def test_bad_preference_settings_are_one_line(tmp_path, args, message):
     result = run([TRNTRAIN, "train", *args, f"run.dir={tmp_path / 'run'}"], tmp_path)

@@ -396,6 +396,8 @@ def _validate_data_source(cfg: DictConfig, d: DictConfig, field: str) -> None:
         require(bool(d.path), f"{field}.path", d.path,
                 "a file, directory, glob or (for indexed) dataset prefix on this machine")
         DATA_SOURCES[d.source].check_files(d)
+        if d.source == "preference":
+            DATA_SOURCES[d.source].check_lengths(d, cfg.train.seq_len)
     if "on_bad_line" in d:
         require(d.on_bad_line in ("fail", "skip"), f"{field}.on_bad_line", d.on_bad_line,
                 "fail or skip")

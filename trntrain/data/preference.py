@@ -100,6 +100,21 @@ def render_response(template: ChatTemplate, prompt: list[dict], response: list[d
     return ids, mask
 
 
+def check_fits(where: str, chosen: np.ndarray, rejected: np.ndarray, seq_len: int) -> None:
+    length = len(chosen) - 1 + len(rejected) - 1
+    if length > seq_len:
+        raise UserError(
+            f"{where}: the pair renders to {len(chosen)} (prompt + chosen) and {len(rejected)} "
+            f"(prompt + rejected) tokens, {length} inputs together, more than the row of "
+            f"train.seq_len={seq_len} that holds both; valid: a larger train.seq_len, a "
+            f"shorter prompt, or data.too_long=drop.")
+
+
+# The last rendering, by what it depends on: the checks before the run and the load in
+# the same process share it.
+_last_rendered: dict[tuple, tuple[list, BadLines, int]] = {}
+
+
 @dataclass
 class Pairs:
     """The pairs of a split: chosen and rejected (ids, response mask) each."""
@@ -153,10 +168,28 @@ class PreferenceSource(DataSource):
         cls.render(data_cfg)
 
     @classmethod
+    def check_lengths(cls, data_cfg: DictConfig, seq_len: int) -> None:
+        """With data.too_long=fail, the first pair that does not fit a row is a UserError
+        naming its line, before any process group exists."""
+        if data_cfg.too_long == "fail":
+            for where, _, chosen, rejected in cls.render(data_cfg)[0]:
+                check_fits(where, chosen[0], rejected[0], seq_len)
+
+    @classmethod
     def render(cls, data_cfg: DictConfig) -> tuple[list, BadLines, int]:
         """[(where, split key, chosen (ids, mask), rejected (ids, mask))], the bad lines,
-        the padding id."""
+        the padding id; the last rendering of the same files and settings is reused (the
+        checks before the run and the load)."""
         files = resolve_files(preference_path(data_cfg.path), JSONL_SUFFIXES)
+        stats = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+        key = (stats, data_cfg.tokenizer, data_cfg.eot_token, data_cfg.on_bad_line)
+        if key not in _last_rendered:
+            _last_rendered.clear()
+            _last_rendered[key] = cls._render(data_cfg, files)
+        return _last_rendered[key]
+
+    @classmethod
+    def _render(cls, data_cfg: DictConfig, files: list[Path]) -> tuple[list, BadLines, int]:
         tokenizer = build_tokenizer(data_cfg.tokenizer, data_cfg.eot_token)
         template = tokenizer.chat_template()
         bad = BadLines(data_cfg.on_bad_line)
@@ -185,15 +218,9 @@ class PreferenceSource(DataSource):
         splits = {s: Pairs([], []) for s in SPLITS}
         dropped = 0
         for where, key, chosen, rejected in rendered:
-            length = len(chosen[0]) - 1 + len(rejected[0]) - 1
-            if length > self.seq_len:
+            if len(chosen[0]) - 1 + len(rejected[0]) - 1 > self.seq_len:
                 if self.cfg.too_long == "fail":
-                    raise UserError(
-                        f"{where}: the pair renders to {len(chosen[0])} (prompt + chosen) and "
-                        f"{len(rejected[0])} (prompt + rejected) tokens, {length} inputs "
-                        f"together, more than the row of train.seq_len={self.seq_len} that "
-                        f"holds both; valid: a larger train.seq_len, a shorter prompt, or "
-                        f"data.too_long=drop.")
+                    check_fits(where, chosen[0], rejected[0], self.seq_len)
                 dropped += 1
                 continue
             split = splits["val" if is_validation(key, self.cfg.val_fraction) else "train"]
