@@ -16,7 +16,8 @@ def test_default_config_composes_and_validates():
     assert cfg.model.name == "llama_tiny"
     assert cfg.data.source == "corpus"
     assert set(cfg.keys()) == {"run", "model", "parallel", "train", "optim", "data",
-                               "checkpoint", "backend", "cluster", "logging", "plan", "peft"}
+                               "checkpoint", "backend", "cluster", "logging", "plan", "peft",
+                               "objective"}
     groups = {p.name for p in config_dir().iterdir() if p.is_dir()}
     assert {"model", "parallel", "train", "optim", "data", "checkpoint", "backend", "cluster",
             "logging"} <= groups
@@ -109,7 +110,8 @@ def test_invalid_values_name_key_and_valid_range(overrides, world_size, key, val
     [
         (["model=llama_foo"], "model=llama_foo is invalid: conf/model/ has no option "
                               "'llama_foo'; valid: one of llama2_13b,"),
-        (["data=parquet"], "valid: one of chat, corpus, hf, indexed, jsonl, synthetic, text."),
+        (["data=parquet"], "valid: one of chat, corpus, hf, indexed, jsonl, preference, "
+                           "synthetic, text."),
         (["model.heads=4"], "model.heads is not a key of model; valid keys of model: name,"),
         (["nonsense=1"], "nonsense is not a key of the config root; valid keys of the config "
                          "root: run, model,"),
