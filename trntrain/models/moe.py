@@ -338,3 +338,44 @@ def moe_feed_forward(args: object) -> MoE:
     return MoE(args.dim, args.moe_ffn_hidden_dim or args.ffn_hidden_dim, args.num_experts,
                args.top_k, args.norm_topk_prob, args.capacity_factor,
                args.router_aux_loss_coef, args.router_z_loss_coef, args.n_layers)
+
+
+def moe_blocks_by_layer(model: nn.Module) -> dict[int, MoE]:
+    """The MoE blocks of a model or pipeline chunk by global layer index."""
+    return {int(i): m for i, layer in model.layers.items() for m in moe_modules(layer)}
+
+
+@torch.no_grad()
+def moe_metrics(blocks: dict[int, MoE], n_layers: int, num_experts: int,
+                device: torch.device, groups: list[Group]) -> dict[str, float]:
+    """The routing statistics since the last call, over every layer (pipeline stages) and
+    every data-parallel rank (sum over `groups`; every rank must call): the mean
+    load-balancing and z losses, the fraction of assignments dropped by the capacity,
+    and the load imbalance (max / mean assignments per expert) averaged over layers and
+    at its worst. The statistics are reset."""
+    from trntrain.parallel.comm import all_reduce
+
+    load = torch.zeros(n_layers, num_experts, device=device)
+    other = torch.zeros(n_layers, 4, device=device)  # dropped, lb, z, calls
+    for i, m in blocks.items():
+        s = m.stats
+        if s.calls:
+            load[i] = s.load
+            other[i] = torch.stack([s.dropped, s.lb_loss, s.z_loss,
+                                    torch.tensor(float(s.calls), device=device)])
+        s.reset()
+    packed = torch.cat([load.flatten(), other.flatten()])
+    for group in groups:
+        packed = all_reduce(packed, group)
+    load = packed[:load.numel()].view(n_layers, num_experts)
+    other = packed[load.numel():].view(n_layers, 4)
+    calls = other[:, 3].sum()
+    if calls == 0:
+        return {}
+    active = other[:, 3] > 0
+    imbalance = load[active].max(1).values / load[active].mean(1)
+    return {"moe_aux_loss": (other[:, 1].sum() / calls).item(),
+            "moe_z_loss": (other[:, 2].sum() / calls).item(),
+            "moe_dropped_fraction": (other[:, 0].sum() / load.sum()).item(),
+            "moe_load_imbalance": imbalance.mean().item(),
+            "moe_load_imbalance_max": imbalance.max().item()}
