@@ -376,3 +376,56 @@ def test_bad_moe_settings_are_one_clear_line(overrides, world, key):
         validate(cfg, world)
     assert info.value.key == key
     assert "\n" not in str(info.value)
+
+
+# -- the planner ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ep", [1, 2, 8])
+def test_planner_holds_num_experts_over_ep_experts_per_rank(ep):
+    """Parameters on a rank: the trainer's model with its experts sharded over ep (the
+    experts of the other ep ranks dropped as `MoE.shard` does), and ZeRO-1 slices of the
+    experts over dp / ep."""
+    from trntrain.plan.layout import Layout
+    from trntrain.plan.memory import rank_params, sharded_elements
+
+    cfg = compose(["model=mixtral_tiny"]).model
+    with torch.device("meta"):
+        model = build_model(cfg)
+    local = cfg.num_experts // ep
+    kept = sum(p.numel() for n, p in model.named_parameters()
+               if ".experts." not in n or int(n.split(".experts.")[1].split(".")[0]) < local)
+    layout = Layout(tp=1, pp=1, dp=8, sequence_parallel=False, zero1=True,
+                    activation_checkpointing="none", schedule="1f1b", virtual_pp=1,
+                    microbatches=1, micro_batch_size=1, ep=ep)
+    params = rank_params(cfg, layout, 32, 0)
+    assert sum(p.numel for p in params) == kept
+    expert = sum(p.numel for p in params if p.expert)
+    dense = kept - expert
+    # One bucket per category here (the tiny model is far below bucket_mb).
+    assert sharded_elements(params, 8, 25.0, "fp32", ep) == pytest.approx(
+        dense / 8 + expert / (8 // ep), abs=8)
+
+
+def test_plan_reports_active_parameters_and_the_all_to_all():
+    from trntrain.plan import plan_layout
+    from trntrain.plan.layout import layout_from_config
+
+    overrides = ["model=mixtral_8x7b", "cluster=trn1_32xlarge", "cluster.nodes=4",
+                 "train.seq_len=4096", "train.global_batch_size=128", "train.precision=bf16",
+                 "parallel.pp=4", "parallel.activation_checkpointing=full",
+                 "parallel.zero1=true", "train.micro_batch_size=1"]
+    plans = {ep: plan_layout(compose([*overrides, f"parallel.ep={ep}"]),
+                             layout_from_config(compose([*overrides, f"parallel.ep={ep}"]), 128))
+             for ep in (1, 4)}
+    assert "ep_all_to_all" not in plans[1].time and plans[4].time["ep_all_to_all"] > 0
+    assert plans[4].memory["params"] < plans[1].memory["params"] / 2
+    # MFU counts the active parameters: the same tokens/s at either ep gives the same MFU.
+    m = compose(overrides).model
+    _, active = parameter_counts(m, family_of(m).layer_params)
+    assert family_of(m).flops_per_token(m, 4096) < 6 * 0.3 * count_total(m)
+    assert active < 0.3 * count_total(m)
+
+
+def count_total(m) -> int:
+    return parameter_counts(m, family_of(m).layer_params)[0]

@@ -26,6 +26,7 @@ class ParamSpec:
     matrix: bool  # ndim >= 2: weight decay
     tp_sharded: bool
     counted: bool = True  # False: a tied head duplicated on the last pipeline stage
+    expert: bool = False  # an MoE expert's: sharded over parallel.ep
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,12 @@ with N the active matmul parameters (the router included): MFU on active paramet
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from trntrain.models.family import ParamSpec
+from trntrain.models.family import ActivationSpec, LayerActivations, ParamSpec
 from trntrain.models.llama import costs as llama_costs
 
 
@@ -58,7 +59,7 @@ def layer_params_of(dense_layer_params: Callable[[DictConfig, int], list[ParamSp
 
     def layer_params(model: DictConfig, tp: int) -> list[ParamSpec]:
         h, f = model.dim, expert_hidden_dim(model)
-        experts = [ParamSpec(f * h, True, False)] * 3 * model.num_experts
+        experts = [ParamSpec(f * h, True, False, expert=True)] * 3 * model.num_experts
         return [*dense_layer_params(model, tp)[:-3], ParamSpec(model.num_experts * h, True, False),
                 *experts]
 
@@ -74,3 +75,28 @@ def parameter_counts(model: DictConfig, layer_params: Callable[[DictConfig, int]
     embeddings = model.vocab_size * model.dim * (1 if model.tie_embeddings else 2)
     total = model.n_layers * layer + embeddings + model.dim
     return total, total - model.n_layers * idle
+
+
+def layer_activations(model: DictConfig, spec: ActivationSpec) -> LayerActivations:
+    """One MoE block's saved activations per token: the dense family's with its MLP's
+    replaced by top_k experts' (each token runs k SwiGLUs of width f), plus the routed
+    copies of the token the dispatch keeps (its input gathered per expert and the
+    expert outputs before weighting: 2 k h e). An estimate from the block's structure,
+    not measured (docs/moe.md); dispatch buffers under a capacity factor are counted at
+    capacity 1."""
+    width = model.top_k * expert_hidden_dim(model)
+    # The planner's search passes the schema's dataclass, the rest a DictConfig.
+    dense = (dataclasses.replace(model, ffn_hidden_dim=width) if dataclasses.is_dataclass(model)
+             else OmegaConf.merge(model, {"ffn_hidden_dim": width}))
+    act = (family_layer_activations(model))(dense, spec)
+    routed = 2 * model.top_k * model.dim * spec.element_bytes
+    return dataclasses.replace(act, saved=act.saved + routed, selective=act.selective + routed)
+
+
+def family_layer_activations(model: DictConfig
+                             ) -> Callable[[DictConfig, ActivationSpec], LayerActivations]:
+    if model.family == "qwen3_moe":
+        from trntrain.models.qwen3.costs import layer_activations as qwen3
+
+        return qwen3
+    return llama_costs.layer_activations

@@ -14,12 +14,15 @@ PARTS = {"params": "parameters", "grads": "gradients", "optimizer_states": "opti
          "recompute": "recompute buffer", "attention_scores": "attention s x s",
          "gradient_sync": "gradient buckets"}
 TERMS = {"compute": "compute", "tp_comm": "tp collectives", "pp_p2p": "pipeline transfers",
-         "pp_bubble": "pipeline bubble", "dp_comm": "dp gradient sync"}
+         "pp_bubble": "pipeline bubble", "dp_comm": "dp gradient sync",
+         "ep_all_to_all": "ep all-to-all"}
 
 
 def layout_line(plan: Plan) -> str:
     lay = plan.layout
     parts = [f"tp={lay.tp}", f"pp={lay.pp}", f"dp={lay.dp}"]
+    if lay.ep > 1:
+        parts.append(f"ep={lay.ep}")
     if lay.sequence_parallel:
         parts.append("sp")
     if lay.zero1:
@@ -31,6 +34,18 @@ def layout_line(plan: Plan) -> str:
     return " ".join(parts)
 
 
+def moe_lines(model: DictConfig) -> list[str]:
+    """Total and active parameters of an MoE model (FLOPs and MFU count the active)."""
+    if not model.get("num_experts"):
+        return []
+    from trntrain.models import family_of
+    from trntrain.models.moe_costs import parameter_counts
+
+    total, active = parameter_counts(model, family_of(model).layer_params)
+    return [f"parameters: {total / 1e9:.2f} B, {active / 1e9:.2f} B active ({model.top_k} of "
+            f"{model.num_experts} experts per token; FLOPs and MFU from the active)"]
+
+
 def text(plan: Plan, cfg: DictConfig) -> str:
     c, t = cfg.cluster, cfg.train
     cores = f"{plan.world_size} core{'s' if plan.world_size > 1 else ''}"
@@ -38,6 +53,7 @@ def text(plan: Plan, cfg: DictConfig) -> str:
         f"plan: {cfg.model.name} on {c.nodes} x {c.name} ({cores}), "
         f"{t.global_batch_size} x {t.seq_len} tokens per step, {t.precision}",
         f"layout: {layout_line(plan)}",
+        *moe_lines(cfg.model),
         "",
         f"memory per core (pipeline stage {plan.stage}, the largest):",
     ]
@@ -63,7 +79,7 @@ def text(plan: Plan, cfg: DictConfig) -> str:
     lines.append(f"step time (compute at {cfg.plan.compute_efficiency:g} of "
                  f"{c.peak_flops_per_core / 1e12:g} TFLOP/s per core, no overlap):")
     for key, label in TERMS.items():
-        if plan.time[key]:
+        if plan.time.get(key):
             lines.append(f"  {label:<22}{plan.time[key]:>9.3f} s  "
                          f"{100 * plan.time[key] / step:>5.1f} %")
     lines.append(f"  {'total':<22}{step:>9.3f} s")
