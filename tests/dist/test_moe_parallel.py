@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import run_distributed, tiny_config
 from trntrain.distributed import World
 from trntrain.trainer import Trainer
 
@@ -33,9 +33,15 @@ def assert_same_run(result: dict, expected: dict) -> None:
     assert result["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
 
 
+def single(overrides: tuple[str, ...]) -> dict:
+    """The single-process run, in a forked one-thread worker (this process's threads
+    would compete for the two cores)."""
+    return run_distributed(train, 1, overrides)[0]
+
+
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    return train(0, 1, ())
+    return single(())
 
 
 def ep(size: int) -> tuple[str, ...]:
@@ -64,7 +70,7 @@ CAPACITY = ("model.capacity_factor=1.0",)
 
 @pytest.fixture(scope="module")
 def capacity_reference() -> dict:
-    return train(0, 1, CAPACITY)
+    return single(CAPACITY)
 
 
 @pytest.mark.parametrize(("world_size", "overrides"), [
@@ -80,6 +86,6 @@ def test_capacity_expert_parallel_matches_single_process(distributed, capacity_r
 
 def test_qwen3_moe_expert_parallel_matches_single_process(distributed):
     qwen = ("model=qwen3_moe_tiny",)
-    expected = train(0, 1, qwen)
+    expected = single(qwen)
     for result in distributed(train, 2, (*qwen, *ep(2))):
         assert_same_run(result, expected)

@@ -366,6 +366,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_imports_back(name, t
     (["model=mixtral_tiny", "parallel.tp=2", "parallel.sequence_parallel=true"], 2,
      "parallel.sequence_parallel"),
     (["model=mixtral_tiny", "model.capacity_factor=0"], 1, "model.capacity_factor"),
+    (["model=mixtral_tiny", "peft=lora", "peft.allow_random_base=true"], 1, "peft.name"),
 ])
 def test_bad_moe_settings_are_one_clear_line(overrides, world, key):
     cfg = compose(overrides)

@@ -512,6 +512,11 @@ def _validate_peft(cfg: DictConfig) -> None:
     require(p.name in PEFT_METHODS, "peft.name", p.name, f"one of {PEFT_METHODS}")
     if p.name != "lora":
         return
+    from trntrain.models import MODEL_FAMILIES
+
+    require(MODEL_FAMILIES[cfg.model.family].parallelize_experts is None, "peft.name", p.name,
+            f"none for model.family={cfg.model.family}",
+            "LoRA adapters on mixture-of-experts models are not implemented yet;")
     from trntrain.peft.lora import ALL_LINEAR, known_targets
 
     require(isinstance(p.rank, int) and 0 < p.rank <= MAX_COUNT, "peft.rank", p.rank,
