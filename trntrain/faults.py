@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -84,17 +85,17 @@ def _fault() -> tuple[str, int, int] | None:
     return kind, int(args[0]), int(args[1]) if len(args) > 1 else 0
 
 
-def with_nan_fault(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def with_nan_fault(loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
                    current_step: Callable[[], int], world: World
-                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                   ) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     """`loss_fn`, or, where TRNTRAIN_FAULT=nan:STEP:RANK names this rank, a loss function
     that returns NaN during step STEP (pipelined or not). Decided once, not per loss."""
     fault = _fault()
     if fault is None or fault[0] != "nan" or fault[2] != world.rank:
         return loss_fn
 
-    def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = loss_fn(logits, labels)
+    def poisoned(logits: torch.Tensor, batch: Any) -> torch.Tensor:
+        loss = loss_fn(logits, batch)
         return loss * float("nan") if current_step() == fault[1] else loss
 
     return poisoned

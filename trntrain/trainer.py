@@ -12,13 +12,12 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
@@ -42,7 +41,6 @@ from trntrain.checkpoint.state import (
 )
 from trntrain.config import data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
-from trntrain.data.base import IGNORE_INDEX
 from trntrain.distributed import World, broadcast_object, host_copy, host_group
 from trntrain.faults import (
     NonFiniteError,
@@ -63,6 +61,19 @@ from trntrain.models.moe import (
     moe_metrics,
     set_aux_loss_scale,
 )
+from trntrain.objective import build_objective
+from trntrain.objective.preference import METRICS as PREFERENCE_METRICS
+from trntrain.objective.reference import (
+    REFERENCE_FILE,
+    LogpsForward,
+    ModelReference,
+    PrecomputedReference,
+    compute_tables,
+    load_tables,
+    reference_key,
+    save_tables,
+    steps_over,
+)
 from trntrain.optim import build_lr_scheduler, lr_factor, uses_stochastic_rounding
 from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh
 from trntrain.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -74,27 +85,12 @@ from trntrain.parallel.pipeline import (
     build_transport,
     transport_for,
 )
-from trntrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 from trntrain.parallel.zero import ShardedOptimizer
-from trntrain.peft import apply_lora, init_adapters, lora_enabled
+from trntrain.peft import adapters_disabled, apply_lora, init_adapters, lora_enabled
 from trntrain.peft.base import BaseWeights, base_fingerprint
 from trntrain.run_dir import METRICS_FILE
 
 logger = logging.getLogger("trntrain")
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy summed over the trained labels (not IGNORE_INDEX), in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum",
-                           ignore_index=IGNORE_INDEX)
-
-
-def build_loss_fn(last_chunk: nn.Module | None, mesh: Mesh) -> Callable:
-    """Summed cross-entropy on full logits, or on this rank's vocabulary slice under tp."""
-    if mesh.tp_group is None or last_chunk is None:
-        return causal_lm_loss
-    return lambda logits, labels: vocab_parallel_cross_entropy(
-        logits, labels, last_chunk.output.start, mesh.tp_group)
 
 
 def build_model_chunks(cfg: DictConfig, mesh: Mesh, device: torch.device
@@ -153,7 +149,13 @@ class Trainer:
         self.chunks = {i: self.backend.prepare_model(c) for i, c in chunks.items()}
         last = self.chunks.get(dims.pp * max(cfg.parallel.virtual_pp, 1) - 1
                                if dims.pp > 1 else 0)
-        self.loss_fn = with_nan_fault(build_loss_fn(last, self.mesh), lambda: self.step, world)
+        # The summed loss of a micro-batch and what it is a sum over (trained tokens, or
+        # preference pairs); under tp from this rank's vocabulary slice of the logits.
+        self.objective = build_objective(
+            cfg.get("objective"),
+            last.output.start if last is not None and self.mesh.tp_group is not None else None,
+            self.mesh.tp_group)
+        self.loss_fn = with_nan_fault(self.objective.loss, lambda: self.step, world)
         self.params = list({id(p): p for c in self.chunks.values() for p in c.parameters()
                             if p.requires_grad}.values())
         # The frozen base of a LoRA run: weights only (no gradient, state or master).
@@ -233,6 +235,7 @@ class Trainer:
         # neuron_parallel_compile only needs each graph traced once.
         self.max_steps = min(t.max_steps, self.backend.step_limit() or t.max_steps)
         self.pipeline = self.build_pipeline() if dims.pp > 1 else None
+        self.reference = self.build_reference() if self.objective.needs_reference else None
         self.checkpointer = CHECKPOINTERS[cfg.checkpoint.name](cfg.checkpoint)
         self.progress = Progress()  # the optimizer step being taken (1-based)
         self.skipped_steps: list[int] = []
@@ -243,6 +246,7 @@ class Trainer:
         self.step_phase_s: dict[str, float] = defaultdict(float)
         self.recompiles = RecompileWatch(cfg.backend.recompile)
         self.eval_inputs: Signature = ()
+        self.eval_metrics: dict[str, float] = {}  # a preference objective's, at evaluation
         self.save_blocking_s: list[float] = []
         # What checkpointers save and restore, part by part (the step first: the others'
         # loading reads it); they receive these, never the trainer.
@@ -284,6 +288,67 @@ class Trainer:
             build_transport(transport, groups, shape, self.params[0].dtype, self.backend.device),
             self.loss_fn, lambda: self.backend.autocast(cfg.train.precision),
             self.backend.cut_graph)
+
+    def build_reference(self) -> ModelReference | PrecomputedReference:
+        """DPO's reference log-probabilities (objective.reference): a forward per step of
+        a frozen copy of the initial weights (or, under LoRA, of the policy with its
+        adapters off), or tables computed once before training and kept in run.dir."""
+        cfg, backend = self.cfg, self.backend
+        lora = lora_enabled(cfg.get("peft"))
+
+        def forward(chunks, context=contextlib.nullcontext) -> LogpsForward:
+            return LogpsForward(chunks, self.pipeline, self.objective.policy_logps,
+                                lambda: backend.autocast(cfg.train.precision),
+                                backend.cut_graph, context)
+
+        if cfg.objective.reference == "model":
+            if lora:
+                chunks = list(self.chunks.values())
+                return ModelReference(forward(self.chunks, lambda: adapters_disabled(chunks)))
+            return ModelReference(forward(self.frozen_copy()))
+        # Precomputed: the policy holds the reference weights until the first step.
+        num_pairs = {s: self.data.num_samples(s) for s in ("train", "val")}
+        data_key = self.data.fingerprint()
+        ref_key = reference_key(base_fingerprint(cfg.checkpoint.init_from, cfg.train.seed),
+                                cfg.model.name, cfg.train.precision)
+        path = self.run_dir / REFERENCE_FILE if self.run_dir is not None else None
+        stored = load_tables(path, data_key, ref_key, num_pairs) if path else None
+        if stored is not None:
+            logger.info("reference log-probabilities: read from %s", path)
+            return PrecomputedReference({s: t.to(backend.device) for s, t in stored.items()})
+        start = time.perf_counter()
+        g = cfg.train.global_batch_size
+        readers = {split: StepBatches(self.data, split, g, self.micro_batch_size,
+                                      self.mesh.dp_rank, self.mesh.dims.dp, shuffle=False,
+                                      inputs=self.train_batches.inputs,
+                                      labels=self.train_batches.labels)
+                   for split in num_pairs}
+
+        def split_batches(split: str, step: int) -> list[Batch]:
+            return next(backend.batches(iter([readers[split].step(step)])))
+
+        tables = compute_tables(forward(self.chunks), num_pairs, split_batches,
+                                lambda n: steps_over(n, g), backend.device,
+                                [self.mesh.dp_group, self.mesh.pp_group])
+        if path is not None and self.world.is_main:
+            save_tables(path, tables, data_key, ref_key)
+        logger.info("reference log-probabilities of %d pairs computed in %.1f s%s",
+                    sum(num_pairs.values()), time.perf_counter() - start,
+                    f", stored in {path}" if path else "")
+        return PrecomputedReference(tables)
+
+    def frozen_copy(self) -> dict[int, nn.Module]:
+        """The initial weights again, as this rank's chunks, frozen (DPO's reference)."""
+        cfg = self.cfg
+        chunks = build_model_chunks(cfg, self.mesh, self.backend.device)
+        if cfg.checkpoint.init_from:
+            load_hf_weights(Path(cfg.checkpoint.init_from), chunks.values(), cfg.model)
+        for chunk in chunks.values():
+            for p in chunk.parameters():
+                p.requires_grad_(False)
+                if cfg.train.precision == "bf16":
+                    p.data = p.data.to(torch.bfloat16)
+        return {i: self.backend.prepare_model(c) for i, c in chunks.items()}
 
     @property
     def model(self) -> nn.Module:
@@ -345,6 +410,8 @@ class Trainer:
 
     def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over this rank's micro-batches: (mean loss, gradient norm)."""
+        if self.objective.stats is not None:
+            self.objective.stats = {}
         mean_loss = self.forward_backward(micro_batches)
         max_norm, mesh, optimizer = self.cfg.optim.max_grad_norm, self.mesh, self.stepper
         with self.timed("optimizer"):
@@ -398,7 +465,7 @@ class Trainer:
         number of micro-batches and their masks (None on stages without labels)."""
         if not micro_batches[0].labels.numel():
             return None
-        count = sum((b.labels != IGNORE_INDEX).sum() for b in micro_batches).float()
+        count = sum(self.objective.count(b) for b in micro_batches).float()
         if self.mesh.dp_group is not None:
             count = all_reduce(count, self.mesh.dp_group)
         return count / self.mesh.dims.dp
@@ -409,6 +476,9 @@ class Trainer:
 
         Returns this rank's share of that loss (under pipelining: on the last stage, zero
         elsewhere)."""
+        if self.reference is not None:
+            with self.timed("reference"):
+                micro_batches = self.reference.attach("train", micro_batches)
         tokens = self.trained_tokens(micro_batches)
         if self.pipeline is not None:
             mean_loss = self.pipeline.forward_backward(micro_batches, tokens)
@@ -421,7 +491,7 @@ class Trainer:
                 for batch in micro_batches:
                     with self.backend.autocast(self.cfg.train.precision):
                         logits = self.model(batch.inputs, **batch.model_kwargs())
-                        loss = self.loss_fn(logits, batch.labels) / tokens
+                        loss = self.loss_fn(logits, batch) / tokens
                     loss.backward()
                     mean_loss += loss.detach()
                     # One graph per micro-batch, the same for each but the first (which
@@ -438,12 +508,17 @@ class Trainer:
         """Mean loss over the first train.eval_batches global batches of the validation split."""
         for chunk in self.chunks.values():
             chunk.eval()
+        train_stats = self.objective.stats
+        if train_stats is not None:
+            self.objective.stats = {}
         total = torch.zeros((), device=self.backend.device)
         batches = self.val_batches.steps(0, self.cfg.train.eval_batches)
         self.eval_inputs = ()
         for micro_batches in self.backend.batches(batches):
             if not self.eval_inputs:
                 self.eval_inputs = signature(micro_batches)
+            if self.reference is not None:
+                micro_batches = self.reference.attach("val", micro_batches)
             tokens = self.trained_tokens(micro_batches)
             if self.pipeline is not None:
                 total += self.pipeline.forward(micro_batches, tokens)
@@ -451,12 +526,32 @@ class Trainer:
             for batch in micro_batches:
                 with self.backend.autocast(self.cfg.train.precision):
                     logits = self.model(batch.inputs, **batch.model_kwargs())
-                    total += self.loss_fn(logits, batch.labels) / tokens
+                    total += self.loss_fn(logits, batch) / tokens
                 # One small graph per micro-batch, the same each time.
                 self.backend.cut_graph()
         for chunk in self.chunks.values():
             chunk.train()
+        if train_stats is not None:
+            self.eval_metrics = self.objective_metrics("eval_")
+            self.objective.stats = train_stats
         return self.reduce_loss(total / self.cfg.train.eval_batches)
+
+    def objective_metrics(self, prefix: str = "") -> dict[str, float]:
+        """A preference objective's metrics over the pairs it saw since its stats were
+        reset (the last step's, or the evaluation's), averaged over pp and dp."""
+        if self.objective.stats is None:
+            return {}
+        stats = self.objective.stats
+        names = [*PREFERENCE_METRICS, "pairs"]
+        zero = torch.zeros((), device=self.backend.device)
+        values = torch.stack([torch.as_tensor(stats.get(n, zero), device=zero.device).float()
+                              for n in names])  # zero on stages without the labels
+        values = all_reduce(values, self.mesh.pp_group)
+        if self.mesh.dp_group is not None:
+            values = all_reduce(values, self.mesh.dp_group)
+        values = values.tolist()
+        pairs = max(values[-1], 1.0)
+        return {prefix + n: v / pairs for n, v in zip(PREFERENCE_METRICS, values, strict=False)}
 
     def reduce_loss(self, value: torch.Tensor) -> float:
         """The loss of the whole pipeline (held by the last stage), averaged over dp."""
@@ -520,8 +615,10 @@ class Trainer:
         record.update({f"time_{phase}_s": seconds / window_steps
                        for phase, seconds in self.phase_s.items()})
         self.phase_s.clear()
+        record.update(self.objective_metrics())
         if eval_loss is not None:
             record["eval_loss"] = eval_loss
+            record.update(self.eval_metrics)
         if self.cfg.model.num_experts:
             record.update(moe_metrics(self.moe, self.cfg.model.n_layers,
                                       self.cfg.model.num_experts, self.backend.device,

@@ -47,6 +47,7 @@ from omegaconf import DictConfig
 
 from tests.conftest import run_distributed
 from trntrain.config import compose
+from trntrain.data import Batch
 from trntrain.distributed import World
 from trntrain.parallel.pipeline import PipelineRunner
 from trntrain.parallel.pipeline_schedule import Action, rank_actions, timetable
@@ -101,9 +102,9 @@ class ForwardClock:
             module.register_forward_hook(lambda *_, chunk=index: self.stop(chunk))
         loss_fn, last = runner.loss_fn, runner.last_chunk
 
-        def timed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        def timed_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
             self.start()
-            loss = loss_fn(logits, labels)
+            loss = loss_fn(logits, batch)
             self.stop(last)
             return loss
 

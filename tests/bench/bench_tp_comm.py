@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 
 from tests.conftest import run_distributed
 from trntrain.config import compose
+from trntrain.data import Batch
 from trntrain.distributed import World
 from trntrain.parallel import comm
 from trntrain.trainer import Trainer
@@ -77,9 +78,9 @@ class PhaseProbe:
         self._last: dict[str, tuple[int, int]] = {}
         loss_fn, reduce = trainer.loss_fn, trainer.tp_grad_reducer.reduce
 
-        def probed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        def probed_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
             self.mark("loss")
-            loss = loss_fn(logits, labels)
+            loss = loss_fn(logits, batch)
             self.mark("backward")
             return loss
 

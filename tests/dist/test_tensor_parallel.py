@@ -9,7 +9,8 @@ from tests.conftest import tiny_config
 from trntrain.distributed import World
 from trntrain.parallel import comm
 from trntrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
-from trntrain.trainer import Trainer, causal_lm_loss
+from trntrain.objective import causal_lm_loss
+from trntrain.trainer import Trainer
 
 STEPS = 10
 

@@ -153,6 +153,7 @@ def test_shell_scripts_pass_shellcheck():
     if not Path(shellcheck).exists():
         pytest.skip("shellcheck not installed")
     scripts = [str(ROOT / "launch" / n) for n in ("torchrun.sh", "slurm_trn1.sbatch")]
+    scripts += [str(ROOT / "tests" / "gpu" / n) for n in ("run.sh", "wheels.sh")]
     proc = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 

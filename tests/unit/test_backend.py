@@ -161,3 +161,26 @@ def test_apply_environment_sets_only_what_is_unset():
 def test_xla_without_torch_xla_is_a_clear_error():
     with pytest.raises(UserError, match="backend.name='xla' is invalid: torch_xla"):
         resolve_backend_name("xla")
+
+
+# Names as torch.cuda.get_device_name reports them, with the dense BF16 peak of each
+# part's datasheet (PCIe and NVL parts run at lower clocks and power than SXM).
+@pytest.mark.parametrize(("name", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
+    ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835), ("NVIDIA GH200 480GB", 989),
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA GeForce RTX 4090", None)])
+def test_gpu_peak_by_device_name(name, tflops):
+    from trntrain.backend.cuda import peak_bf16_flops
+
+    assert peak_bf16_flops(name) == (None if tflops is None else tflops * 1e12)
+
+
+def test_cuda_device_of_a_local_rank():
+    from trntrain.backend.cuda import device_index
+    from trntrain.errors import UserError
+
+    assert [device_index(r, 8) for r in range(8)] == list(range(8))
+    # One visible device per process (CUDA_VISIBLE_DEVICES set per task): always cuda:0.
+    assert device_index(3, 1) == 0
+    with pytest.raises(UserError, match="LOCAL_RANK=4: this process sees 2 GPUs"):
+        device_index(4, 2)

@@ -56,6 +56,12 @@ FP32_FEATURES = {
     "lora": ["peft=lora", "peft.allow_random_base=true", "optim.lr=3e-3"],
     "lora_checkpointing_full": ["peft=lora", "peft.allow_random_base=true", "optim.lr=3e-3",
                                 "parallel.activation_checkpointing=full"],
+    # DPO on preference pairs: each step runs the frozen reference copy's forward (or the
+    # policy's with its LoRA adapters off) before the policy's, the same graphs each step.
+    "dpo_frozen_reference": ["data=preference", "objective=dpo", "train.seq_len=128",
+                             "optim.lr=2e-3"],
+    "dpo_lora_reference": ["data=preference", "objective=dpo", "train.seq_len=128",
+                           "peft=lora", "peft.allow_random_base=true", "optim.lr=1e-2"],
 }
 
 

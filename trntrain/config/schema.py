@@ -256,6 +256,19 @@ class ChatDataConfig(TextFilesDataConfig):
     on_bad_line: str = "fail"
 
 
+@dataclass
+class PreferenceDataConfig(TextFilesDataConfig):
+    """Preference pairs in JSON lines (`prompt`, `chosen`, `rejected`), rendered with the
+    tokenizer's chat template, one pair per row (docs/preference.md)."""
+
+    source: str = "preference"
+    # demo: pairs of a learnable preference shipped with trntrain.
+    path: str | None = "demo"
+    # A pair whose two conversations do not fit one row of train.seq_len: fail | drop.
+    too_long: str = "fail"
+    on_bad_line: str = "fail"
+
+
 DATA_SCHEMAS: dict[str, type[DataConfig]] = {
     "corpus": CorpusDataConfig,
     "synthetic": SyntheticDataConfig,
@@ -264,6 +277,7 @@ DATA_SCHEMAS: dict[str, type[DataConfig]] = {
     "text": TextDataConfig,
     "hf": HFDataConfig,
     "chat": ChatDataConfig,
+    "preference": PreferenceDataConfig,
 }
 
 
@@ -395,6 +409,27 @@ class PeftConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the model is trained to minimise (trntrain/objective/, docs/preference.md)."""
+
+    # causal_lm (next-token cross-entropy) | dpo | orpo | simpo (on data=preference)
+    name: str = "causal_lm"
+    # dpo: the KL weight; orpo: the odds-ratio term's weight (lambda); simpo: the reward
+    # scale.
+    beta: float = 0.1
+    # dpo: sigmoid (the DPO paper) | ipo | hinge
+    loss_type: str = "sigmoid"
+    # dpo (sigmoid) and simpo: the assumed probability that a pair's label is flipped
+    # (conservative DPO); 0: none.
+    label_smoothing: float = 0.0
+    # dpo: model (a frozen copy of the initial weights; under peft=lora the base with
+    # the adapters off) | precomputed (one pass before training, stored in run.dir)
+    reference: str = "model"
+    # simpo: the target reward margin.
+    gamma: float = 1.0
+
+
+@dataclass
 class TrntrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = MISSING
@@ -408,6 +443,7 @@ class TrntrainConfig:
     logging: LoggingConfig = MISSING
     plan: PlanConfig = field(default_factory=PlanConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 def register_configs() -> None:

@@ -71,6 +71,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         _validate_data(cfg)
         _validate_rest(cfg)
         _validate_peft(cfg)
+        _validate_objective(cfg)
         validate_topology(cfg, world_size)
     except MissingMandatoryValue as err:
         raise ConfigError(err.full_key, "???", "a value: the key is mandatory") from None
@@ -439,10 +440,19 @@ def _validate_data_source(cfg: DictConfig, d: DictConfig, field: str) -> None:
                 "chat data (packed conversations) cannot be blended yet;")
         require(d.train_on in TRAIN_ON, f"{field}.train_on", d.train_on, " or ".join(TRAIN_ON))
         require(d.too_long in TOO_LONG, f"{field}.too_long", d.too_long, ", ".join(TOO_LONG))
+    if d.source == "preference":
+        from trntrain.data.preference import TOO_LONG as PAIR_TOO_LONG
+
+        require(not cfg.data.blend, f"{field}.source", d.source, "a source other than "
+                "preference", "preference pairs cannot be blended yet;")
+        require(d.too_long in PAIR_TOO_LONG, f"{field}.too_long", d.too_long,
+                " or ".join(PAIR_TOO_LONG))
     if "path" in d:
         require(bool(d.path), f"{field}.path", d.path,
                 "a file, directory, glob or (for indexed) dataset prefix on this machine")
         DATA_SOURCES[d.source].check_files(d)
+        if d.source == "preference":
+            DATA_SOURCES[d.source].check_lengths(d, cfg.train.seq_len)
     if "on_bad_line" in d:
         require(d.on_bad_line in ("fail", "skip"), f"{field}.on_bad_line", d.on_bad_line,
                 "fail or skip")
@@ -533,3 +543,35 @@ def _validate_peft(cfg: DictConfig) -> None:
             "peft.allow_random_base=true for a from-scratch experiment",
             "LoRA trains adapters on a frozen base, and checkpoint.init_from is null (the base "
             "would be random weights);")
+
+
+def _validate_objective(cfg: DictConfig) -> None:
+    o = cfg.get("objective")
+    if o is None:
+        return
+    from trntrain.objective import OBJECTIVES, PREFERENCE_OBJECTIVES
+    from trntrain.objective.preference import LOSS_TYPES, REFERENCES
+
+    require(o.name in OBJECTIVES, "objective.name", o.name, f"one of {OBJECTIVES}")
+    pairs = cfg.data.get("source") == "preference"
+    if o.name == "causal_lm":
+        require(not pairs, "objective.name", o.name, f"one of {PREFERENCE_OBJECTIVES}",
+                "data=preference holds pairs of responses, which only a preference "
+                "objective (objective=dpo, orpo or simpo) trains on;")
+        return
+    require(pairs, "objective.name", o.name, "objective=causal_lm for this data, or "
+            "data=preference", f"{o.name} compares a chosen and a rejected response of each "
+            f"prompt, and data.source={cfg.data.get('source')} holds no preference pairs;")
+    require(o.beta > 0, "objective.beta", o.beta, "a positive number (e.g. 0.1 for dpo)")
+    require(0 <= o.label_smoothing < 0.5, "objective.label_smoothing", o.label_smoothing,
+            "a probability in [0, 0.5)")
+    if o.name == "dpo":
+        require(o.loss_type in LOSS_TYPES, "objective.loss_type", o.loss_type,
+                f"one of {LOSS_TYPES}")
+        require(o.reference in REFERENCES, "objective.reference", o.reference,
+                f"one of {REFERENCES}")
+        require(o.loss_type == "sigmoid" or o.label_smoothing == 0, "objective.label_smoothing",
+                o.label_smoothing, "0 for loss_type=" + o.loss_type,
+                "label smoothing (conservative DPO) applies to the sigmoid loss;")
+    if o.name == "simpo":
+        require(o.gamma >= 0, "objective.gamma", o.gamma, "a non-negative margin")

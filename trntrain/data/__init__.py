@@ -12,6 +12,7 @@ from trntrain.data.corpus import CorpusSource
 from trntrain.data.hf import HFSource
 from trntrain.data.indexed_source import IndexedSource
 from trntrain.data.loader import Batch, StepBatches
+from trntrain.data.preference import PreferenceSource
 from trntrain.data.synthetic import SyntheticSource
 from trntrain.data.text import JsonlSource, TextSource
 from trntrain.data.tokenizer import ByteTokenizer, build_tokenizer
@@ -25,6 +26,7 @@ DATA_SOURCES["jsonl"] = JsonlSource
 DATA_SOURCES["text"] = TextSource
 DATA_SOURCES["hf"] = HFSource
 DATA_SOURCES["chat"] = ChatSource
+DATA_SOURCES["preference"] = PreferenceSource
 
 
 def build_data_source(cfg: DictConfig) -> DataSource:

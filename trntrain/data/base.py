@@ -32,6 +32,11 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # IGNORE_INDEX where the loss does not count
     positions: torch.Tensor | None = None
     documents: torch.Tensor | None = None
+    # Preference rows (data=preference): each row's pair index in its split, and the
+    # reference log-probabilities of its (chosen, rejected) responses, (rows, 2), once
+    # the objective has attached them.
+    pairs: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """What the model takes besides the inputs (nothing for unpacked rows, so

@@ -3,7 +3,8 @@
 Each run directory holds `config.yaml` and `metrics.jsonl` (see trntrain.run_dir); a Hydra
 sweep directory holds one such directory per job. `write_report` overlays the runs in
 `loss.png`, `lr.png`, `throughput.png` and `memory.png`, draws where their wall time went
-in `goodput.png` (from each run's goodput.json), and tabulates them in `summary.txt`.
+in `goodput.png` (from each run's goodput.json) and, for preference objectives, their
+rewards in `rewards.png`, and tabulates them in `summary.txt`.
 """
 
 from __future__ import annotations
@@ -212,6 +213,18 @@ def plot_runs(runs: list[Run], out_dir: Path) -> None:
     fig.suptitle("Memory per rank (mem_*_gib)")
     _save(plt, fig, axes, out_dir / "memory.png")
 
+    if any(series(r.records, "reward_accuracy")[0] for r in runs):
+        fig, grid = plt.subplots(2, 2, figsize=(12, 7))
+        panels = [(("rewards_chosen", "rewards_rejected"), "rewards (chosen -, rejected --)"),
+                  (("reward_margin",), "reward margin"), (("reward_accuracy",), "reward accuracy"),
+                  (("logps_chosen", "logps_rejected"), "log-probabilities (chosen -, rejected --)")]
+        for ax, (keys, title) in zip(grid.flat, panels, strict=True):
+            for key, style in zip(keys, ("-", "--"), strict=False):
+                draw(ax, key, style, labelled=key == keys[0])
+            ax.set(title=title)
+        fig.suptitle("Preference objective: implicit rewards (training steps)")
+        _save(plt, fig, list(grid.flat), out_dir / "rewards.png")
+
     accounted = [r for r in runs if r.goodput]
     if accounted:
         fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * len(accounted)))
@@ -264,6 +277,12 @@ def summarize(runs: list[Run]) -> str:
              for row in table]
     lines += ["", "tokens/s: median after the first record (warm-up); goodput: productive share "
               "of the wall time over all attempts; memory: peak GiB per rank."]
+    for run in runs:
+        if (accuracy := at(run.records, "reward_accuracy", -1)) is not None:
+            margin, evaluated = (at(run.records, "reward_margin", -1),
+                                 at(run.records, "eval_reward_accuracy", -1))
+            lines.append(f"{run.label}: final reward accuracy {accuracy:.3f}, margin "
+                         f"{_fmt(margin, '.4f')}, eval reward accuracy {_fmt(evaluated, '.3f')}")
     if len(runs) > 1:
         for key, what in [("loss", "final training loss"), ("eval_loss", "final eval loss")]:
             finals = [(v, r.label) for r in runs

@@ -203,7 +203,7 @@ class PipelineRunner:
 
     def __init__(self, chunks: dict[int, nn.Module], groups: PipelineGroups, schedule: str,
                  virtual: int, microbatches: int, transport: Transport,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 loss_fn: Callable[[torch.Tensor, Batch], torch.Tensor],
                  autocast: Callable[[], contextlib.AbstractContextManager],
                  cut_graph: Callable[[], None] = lambda: None) -> None:
         self.chunks = chunks
@@ -271,7 +271,7 @@ class PipelineRunner:
                     with self.autocast():
                         y = self.chunks[action.chunk](x, **batch.model_kwargs())
                         if action.chunk == self.last_chunk:
-                            y = self.loss_fn(y, batch.labels) / tokens
+                            y = self.loss_fn(y, batch) / tokens
                             loss_sum = loss_sum + y.detach()
                     if backward:
                         inputs[key], outputs[key] = x, y

@@ -166,7 +166,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         trained = labels != IGNORE_INDEX
         loss = (sum_exp.log() - target).masked_fill(~trained, 0.0)
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, outside, trained)
-        return loss.sum()
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
@@ -174,13 +174,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad_logits = softmax.clone()
         hit = (~outside).to(softmax.dtype)
         grad_logits.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
-        grad_logits.mul_(trained.unsqueeze(-1).to(softmax.dtype) * grad)
+        grad_logits.mul_((trained.to(softmax.dtype) * grad).unsqueeze(-1))
         return grad_logits.to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
+                                group: Group) -> torch.Tensor:
+    """Next-token loss of every position, (rows, seq), 0 where the label is IGNORE_INDEX,
+    from this rank's vocabulary slice of the logits."""
+    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, group)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
                                  group: Group) -> torch.Tensor:
     """Summed next-token loss over the trained labels (not IGNORE_INDEX) from this rank's
     vocabulary slice of the logits."""
-    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, group)
+    return vocab_parallel_token_losses(logits, labels, vocab_start, group).sum()
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 from trntrain.peft.lora import (
     LoRALinear,
     adapter_names,
+    adapters_disabled,
     apply_lora,
     init_adapters,
     is_adapter,
     lora_enabled,
 )
 
-__all__ = ["LoRALinear", "adapter_names", "apply_lora", "init_adapters", "is_adapter",
-           "lora_enabled"]
+__all__ = ["LoRALinear", "adapter_names", "adapters_disabled", "apply_lora", "init_adapters",
+           "is_adapter", "lora_enabled"]

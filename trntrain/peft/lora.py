@@ -29,8 +29,9 @@ Dropout masks are drawn per rank, so layouts agree exactly only with dropout 0.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 
 import torch
@@ -113,6 +114,7 @@ class LoRALinear(nn.Module):
             self.start = base.start
         self.rows = getattr(base, "rows", None)
         self.scaling = alpha / rank
+        self.enabled = True  # off: the base layer alone (adapters_disabled)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = self.weight
         out_full, in_full = getattr(w, "tp_full_shape", w.shape)
@@ -143,12 +145,27 @@ class LoRALinear(nn.Module):
         weight, lora_b = self.weight, self.lora_B
         if self.kind == "replicated_kv":
             weight, lora_b = weight[self.rows], lora_b[self.rows]
-        update = F.linear(F.linear(self.dropout(x), self.lora_A), lora_b) * self.scaling
-        y = F.linear(x, weight) + update
+        y = F.linear(x, weight)
+        if self.enabled:
+            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), lora_b) * self.scaling
         if self.kind == "row":
             # The adapter's partial product joins the base's in their one reduction.
             y = leave_tp_region(y, self.group, self.sequence_parallel)
         return y
+
+
+@contextlib.contextmanager
+def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """The base model alone inside the block: every LoRA layer of `modules` skips its
+    update (DPO's reference under LoRA, with no copy of the weights)."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def _require_grad_of_output(module: nn.Module, inputs: tuple, output: torch.Tensor

@@ -9,6 +9,8 @@ Static memory (exact, element for element what the trainer holds):
 - LoRA (peft=lora): the base's weights only (frozen: no gradient, no optimizer state,
   no master), and the adapters as the trained parameters (`lora_params`), cut over tp
   as `trntrain/peft/lora.py` cuts them;
+- DPO with objective.reference=model (no LoRA): a frozen copy of the weights, sharded
+  like them (`reference_weights`);
 - optimizer: AdamW's two moments. With ZeRO-1 or bf16 master weights the optimizer
   is `ShardedOptimizer`: parameters packed in flat buckets per category (decay,
   tp-sharded, counted in the norm), each padded to a multiple of dp, and each rank
@@ -182,6 +184,24 @@ def frozen_numel(cfg: DictConfig, layout: Layout, rank: int) -> int:
     if peft is None or peft.get("name", "none") != "lora":
         return 0
     return sum(p.numel for p in rank_params(cfg.model, layout, cfg.train.seq_len, rank))
+
+
+def holds_reference_copy(cfg: DictConfig) -> bool:
+    """Whether the trainer holds a second, frozen model: DPO's reference=model without
+    LoRA (under LoRA the reference is the base with its adapters off; precomputed
+    reference log-probabilities are a table of 8 bytes per pair)."""
+    objective, peft = getattr(cfg, "objective", None), getattr(cfg, "peft", None)
+    return (objective is not None and objective.get("name") == "dpo"
+            and objective.get("reference") == "model"
+            and (peft is None or peft.get("name", "none") != "lora"))
+
+
+def reference_bytes(cfg: DictConfig, layout: Layout, rank: int) -> int:
+    """The frozen reference copy's weights on a pipeline rank (0 where there is none)."""
+    if not holds_reference_copy(cfg):
+        return 0
+    numel = sum(p.numel for p in rank_params(cfg.model, layout, cfg.train.seq_len, rank))
+    return numel * param_bytes(cfg.train.precision)
 
 
 def sharded_optimizer(train: DictConfig, layout: Layout) -> bool:
@@ -488,6 +508,7 @@ def stage_memory(cfg: DictConfig, layout: Layout, rank: int,
         act = activation_model(cfg, layout)
     out: dict[str, float] = dict(static_bytes(cfg, layout, params,
                                               frozen_numel(cfg, layout, rank)))
+    out["reference_weights"] = reference_bytes(cfg, layout, rank)
     sizes = chunk_layers(cfg.model, cfg.train.seq_len, layout.chunks)
     last = layout.chunks - 1
     weights = tuple(sizes[c] * act.layer + (act.first if c == 0 else 0)

@@ -10,12 +10,13 @@ from trntrain.plan import Plan
 from trntrain.plan.memory import GIB
 
 PARTS = {"params": "parameters", "grads": "gradients", "optimizer_states": "optimizer states",
-         "master_weights": "master weights", "activations": "activations",
+         "master_weights": "master weights", "reference_weights": "reference model",
+         "activations": "activations",
          "recompute": "recompute buffer", "attention_scores": "attention s x s",
          "gradient_sync": "gradient buckets"}
 TERMS = {"compute": "compute", "tp_comm": "tp collectives", "pp_p2p": "pipeline transfers",
          "pp_bubble": "pipeline bubble", "dp_comm": "dp gradient sync",
-         "ep_all_to_all": "ep all-to-all"}
+         "ep_all_to_all": "ep all-to-all", "reference_forward": "reference forward"}
 
 
 def layout_line(plan: Plan) -> str:

@@ -154,11 +154,20 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
         else:
             dp_comm = (2 * (layout.dp - 1) / layout.dp * param_bytes(t.precision)
                        * params_per_rank / bw)
-    times = {"compute": mb * compute, "tp_comm": mb * tp_comm, "pp_p2p": mb * p2p,
-             "pp_bubble": bubble, "dp_comm": dp_comm}
+    out = {"compute": mb * compute, "tp_comm": mb * tp_comm, "pp_p2p": mb * p2p,
+           "pp_bubble": bubble, "dp_comm": dp_comm}
+    objective = getattr(cfg, "objective", None)
+    if objective is not None and objective.get("name") == "dpo" and (
+            objective.get("reference") == "model"):
+        # The reference's forward of every micro-batch: a third of the step's FLOPs
+        # without recomputation, half of its tp and pp traffic, its own bubble.
+        forward = (compute * sum(sizes[i] * rank_layer_forward_flops(m, s, tp)
+                                 + (head / 3 if i == last else 0) for i in held[busiest])
+                   / rank_flops(busiest) + (tp_comm + p2p) / 2)
+        out["reference_forward"] = mb * forward + (layout.pp - 1) / layout.virtual_pp * forward
     if layout.ep > 1:
-        times["ep_all_to_all"] = mb * ep_comm
-    return times
+        out["ep_all_to_all"] = mb * ep_comm
+    return out
 
 
 def throughput(cfg: DictConfig, layout: Layout, step_s: float) -> tuple[float, float]:
