@@ -55,6 +55,12 @@ from trntrain.metrics.flops import mfu
 from trntrain.metrics.goodput import GOODPUT_FILE, Goodput
 from trntrain.metrics.memory import static_memory
 from trntrain.models import build_model, family_of, materialize, partition_model
+from trntrain.models.moe import (
+    is_expert_parameter,
+    moe_blocks_by_layer,
+    moe_metrics,
+    set_aux_loss_scale,
+)
 from trntrain.objective import build_objective
 from trntrain.objective.preference import METRICS as PREFERENCE_METRICS
 from trntrain.objective.reference import (
@@ -103,11 +109,17 @@ def build_model_chunks(cfg: DictConfig, mesh: Mesh, device: torch.device
             model = build_model(m, mesh.tp_group, cfg.parallel.sequence_parallel)
         family_of(m).keep_chunk(model, bounds[index], first=index == 0,
                                 last=index == p * v - 1)
+        if mesh.ep_group is not None:
+            family_of(m).parallelize_experts(model, mesh.ep_group)
         lora = lora_enabled(cfg.get("peft"))
         if lora:
             apply_lora(model, m, cfg.peft)
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, device)
         chunks[index] = materialize(model, device, cfg.train.seed)
+        if mesh.ep_group is not None:
+            for name, param in chunks[index].named_parameters():
+                if is_expert_parameter(name):
+                    param.ep_expert = True  # reduced over the ranks holding it (edp)
         if lora:
             init_adapters(chunks[index], cfg.train.seed)
     return chunks
@@ -126,7 +138,7 @@ class Trainer:
         self.run_dir = None if self.backend.precompiling else run_dir
         run_dir = self.run_dir
         dims = ParallelDims(cfg.parallel.tp, cfg.parallel.pp,
-                            data_parallel_size(cfg, world.world_size))
+                            data_parallel_size(cfg, world.world_size), cfg.parallel.ep)
         self.mesh: Mesh = build_mesh(dims, world.rank, self.backend.group_options)
         # DCP's DeviceMesh of tp shards: host tensors over gloo (checkpoint/state.py).
         self.host_tp_group = host_copy(self.mesh.tp_group, dims.group_ranks("tp"))
@@ -178,10 +190,12 @@ class Trainer:
             self.stepper: ShardedOptimizer | ReplicatedOptimizer = ShardedOptimizer(
                 self.params, cfg.optim, self.mesh.dp_group, bucket_mb,
                 cfg.parallel.zero1_comm_dtype, t.fp32_grad_accumulation,
-                torch.bfloat16 if pure_bf16 else torch.float32, rounding_seed)
+                torch.bfloat16 if pure_bf16 else torch.float32, rounding_seed,
+                self.mesh.edp_group)
         else:
             self.stepper = ReplicatedOptimizer(self.params, cfg.optim, self.mesh.dp_group,
-                                               bucket_mb, rounding_seed)
+                                               bucket_mb, rounding_seed, self.mesh.ep_group,
+                                               self.mesh.edp_group)
         # What a checkpoint reads of the sharded layout (None: per-parameter state).
         self.sharded = self.stepper if isinstance(self.stepper, ShardedOptimizer) else None
         if t.precision == "bf16":
@@ -201,6 +215,13 @@ class Trainer:
 
         self.micro_batch_size = micro_batch_size(cfg, world.world_size)
         self.data = build_data_source(cfg)
+        # Each micro-batch's auxiliary (MoE) losses weigh one over the micro-batches of
+        # the global batch; the dp average of the gradients divides by dp, so a rank
+        # weighs them one over its own micro-batches (as `trained_tokens` does the loss).
+        self.moe = {i: m for c in self.chunks.values() for i, m in moe_blocks_by_layer(c).items()}
+        accumulation = t.global_batch_size // (self.micro_batch_size * dims.dp)
+        for chunk in self.chunks.values():
+            set_aux_loss_scale(chunk, 1.0 / accumulation)
         # Only the first stage embeds the inputs and only the last scores the labels.
         reads = {"inputs": self.mesh.pp_rank == 0, "labels": self.mesh.pp_rank == dims.pp - 1,
                  "vocab_size": cfg.model.vocab_size if self.data.ids_unchecked else None}
@@ -598,6 +619,10 @@ class Trainer:
         if eval_loss is not None:
             record["eval_loss"] = eval_loss
             record.update(self.eval_metrics)
+        if self.cfg.model.num_experts:
+            record.update(moe_metrics(self.moe, self.cfg.model.n_layers,
+                                      self.cfg.model.num_experts, self.backend.device,
+                                      [self.mesh.dp_group, self.mesh.pp_group]))
         record.update(self.backend.metrics())
         record.update({f"mem_{k}_gib": v / 2**30 for k, v in self.memory_bytes().items()})
         return record

@@ -116,6 +116,16 @@ def checkpoint_keys(directory: Path) -> set[str]:
     return set(read_checkpoint_metadata(directory).state_dict_metadata)
 
 
+def model_defaults() -> dict[str, Any]:
+    """The model config's keys that have a default in the schema, with it."""
+    import dataclasses
+
+    from trntrain.config.schema import ModelConfig
+
+    return {f.name: f.default for f in dataclasses.fields(ModelConfig)
+            if f.default is not dataclasses.MISSING}
+
+
 def check_fits(directory: Path, metadata: Metadata, state: dict[str, Any],
                model: DictConfig, whole: set[str] | None = None) -> None:
     """Refuse, in one line, a checkpoint of another model than the run's: a differing
@@ -126,6 +136,9 @@ def check_fits(directory: Path, metadata: Metadata, state: dict[str, Any],
     recorded = directory / MODEL_CONFIG
     if recorded.is_file():
         saved = OmegaConf.to_container(OmegaConf.load(recorded), resolve=True)
+        # A key the recorded config lacks (written before the key existed, or by a
+        # converter that leaves it out) has the schema's default.
+        saved = {**model_defaults(), **saved}
         ours = OmegaConf.to_container(model, resolve=True)
         differing = sorted(k for k in set(saved) | set(ours)
                            if k != "name" and saved.get(k) != ours.get(k))

@@ -130,9 +130,15 @@ class HfCheckpointer(Checkpointer):
         train, step = states["model"], states["trainer"].step
         tensors = full_tensors(train)
         mesh, stages = train.mesh, train.mesh.dims.pp
-        name = ("model.safetensors" if stages == 1
-                else f"model-{mesh.pp_rank + 1:05d}-of-{stages:05d}.safetensors")
-        if mesh.tp_rank == 0 and mesh.dp_rank == 0:
+        # Expert parallelism: each rank of the first ep group writes its own experts
+        # (the first also the rest), a file per (stage, ep rank).
+        ep = mesh.dims.ep
+        if mesh.dp_rank % ep:
+            tensors = {k: v for k, v in tensors.items() if ".experts." in k}
+        files, index = stages * ep, mesh.pp_rank * ep + mesh.dp_rank % ep
+        name = ("model.safetensors" if files == 1
+                else f"model-{index + 1:05d}-of-{files:05d}.safetensors")
+        if mesh.tp_rank == 0 and mesh.dp_rank < ep:
             save_file(tensors, str(directory / name), metadata={"format": "pt"})
         barrier()  # over gloo: an xla group's barrier returns at once
         if not dist.is_initialized() or dist.get_rank() == 0:

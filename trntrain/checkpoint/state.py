@@ -225,7 +225,7 @@ class OptimizerState:
         for b in sharded.buckets:
             by_name = {}
             for name in ("master", *MOMENTS):
-                flat = torch.zeros(b.padded // sharded.dp, dtype=torch.float32)
+                flat = torch.zeros(b.padded // b.size, dtype=torch.float32)
                 for part in sharded.slice_parts(b):
                     key = keys[id(part.param)]
                     saved = state.get(f"optim.{key}.{name}")

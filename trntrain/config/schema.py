@@ -53,6 +53,21 @@ class ModelConfig:
     # Size of an attention head; None: dim / n_heads (set where heads are wider or
     # narrower than a split of the width, as in Qwen3).
     head_dim: int | None = None
+    # Mixture of experts (families mixtral, qwen3_moe; docs/moe.md): experts per MoE
+    # layer (None: a dense model) and experts each token is routed to.
+    num_experts: int | None = None
+    top_k: int = 2
+    # Hidden width of one expert; None: ffn_hidden_dim.
+    moe_ffn_hidden_dim: int | None = None
+    # Divide the top-k router probabilities by their sum (Mixtral always; Qwen3-MoE's flag).
+    norm_topk_prob: bool = True
+    # Weight of the load-balancing loss (Switch Transformer) and of the router z-loss.
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
+    # None: dropless (every token reaches its experts; cpu/cuda); a number c: each expert
+    # takes at most ceil(c x tokens x top_k / num_experts) assignments per micro-batch,
+    # the rest pass through the residual (static shapes: required on xla/neuron).
+    capacity_factor: float | None = None
 
 
 @dataclass
@@ -61,6 +76,9 @@ class ParallelConfig:
     pp: int = 1
     # None: world size / (tp * pp).
     dp: int | None = None
+    # Expert parallelism: the experts of each MoE layer sharded over ep ranks carved out
+    # of dp (ep divides dp and model.num_experts; consecutive dp ranks form a group).
+    ep: int = 1
     # Shard norms and residual activations along the sequence over the tp group
     # (all-gather / reduce-scatter instead of all-reduce).
     sequence_parallel: bool = False

@@ -163,6 +163,7 @@ def _validate_model(m: DictConfig) -> None:
                 "null (dim / n_heads) or a positive even integer",
                 "rotary embeddings rotate pairs of channels;")
     require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a positive float")
+    _validate_experts(m)
     require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "a positive float")
     require(m.init_std > 0, "model.init_std", m.init_std, "a positive float")
     if m.rope_scaling is not None:
@@ -172,6 +173,59 @@ def _validate_model(m: DictConfig) -> None:
             s.high_freq_factor > s.low_freq_factor, "model.rope_scaling.high_freq_factor",
             s.high_freq_factor, f"a float above low_freq_factor={s.low_freq_factor}",
         )
+
+
+def _validate_experts(m: DictConfig) -> None:
+    from trntrain.models import MODEL_FAMILIES
+
+    moe = MODEL_FAMILIES[m.family].parallelize_experts is not None
+    if not moe:
+        require(m.num_experts is None, "model.num_experts", m.num_experts,
+                f"null for model.family={m.family}, or an MoE family (mixtral, qwen3_moe)",
+                f"the {m.family} family has no experts;")
+        return
+    require(m.num_experts is not None and 0 < m.num_experts <= MAX_COUNT, "model.num_experts",
+            m.num_experts, "a positive number of experts per MoE layer")
+    require(0 < m.top_k <= m.num_experts, "model.top_k", m.top_k,
+            f"1 to model.num_experts={m.num_experts}", "each token is routed to top_k of "
+            "the experts;")
+    require(m.moe_ffn_hidden_dim is None or m.moe_ffn_hidden_dim > 0,
+            "model.moe_ffn_hidden_dim", m.moe_ffn_hidden_dim,
+            "null (model.ffn_hidden_dim) or a positive integer")
+    require(m.capacity_factor is None or m.capacity_factor > 0, "model.capacity_factor",
+            m.capacity_factor, "null (dropless) or a positive number, e.g. 1.25")
+    for key in ("router_aux_loss_coef", "router_z_loss_coef"):
+        require(m[key] >= 0, f"model.{key}", m[key], "a float >= 0")
+
+
+def _validate_expert_parallel(cfg: DictConfig, world_size: int) -> None:
+    from trntrain.backend import AUTO, BACKENDS, detect_backend
+    from trntrain.models import MODEL_FAMILIES
+
+    p, m = cfg.parallel, cfg.model
+    moe = MODEL_FAMILIES[m.family].parallelize_experts is not None
+    backend = detect_backend() if cfg.backend.name == AUTO else cfg.backend.name
+    if moe and backend in BACKENDS and BACKENDS[backend].lazy:
+        require(m.capacity_factor is not None, "model.capacity_factor", None,
+                f"a number (e.g. 1.25) on backend {backend}",
+                "dropless routing gives every expert as many tokens as the router sends it, "
+                "a shape that changes every step (a graph compile each time on XLA);")
+    if moe:
+        require(not p.sequence_parallel, "parallel.sequence_parallel", True,
+                f"false with model.family={m.family}",
+                "the router and the experts run on the whole sequence of every tp rank "
+                "(experts are replicated over tp, not sharded);")
+    require(0 < p.ep <= MAX_COUNT, "parallel.ep", p.ep, "a positive integer")
+    if p.ep == 1:
+        return
+    require(moe, "parallel.ep", p.ep, f"1 for model.family={m.family}",
+            "expert parallelism shards the experts of an MoE family (mixtral, qwen3_moe);")
+    dp = data_parallel_size(cfg, world_size)
+    require(dp % p.ep == 0, "parallel.ep", p.ep, f"a divisor of the data-parallel size {dp}",
+            "expert-parallel groups are carved out of the data-parallel ranks;")
+    require(m.num_experts % p.ep == 0, "parallel.ep", p.ep,
+            f"a divisor of model.num_experts={m.num_experts}",
+            "each expert-parallel rank holds num_experts / ep whole experts;")
 
 
 def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
@@ -189,6 +243,7 @@ def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
         f"{world_size} were started;",
     )
     require(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "a positive number of MiB")
+    _validate_expert_parallel(cfg, world_size)
     from trntrain.parallel.zero import COMM_DTYPES
 
     require(p.zero1_comm_dtype in COMM_DTYPES, "parallel.zero1_comm_dtype", p.zero1_comm_dtype,
@@ -467,6 +522,11 @@ def _validate_peft(cfg: DictConfig) -> None:
     require(p.name in PEFT_METHODS, "peft.name", p.name, f"one of {PEFT_METHODS}")
     if p.name != "lora":
         return
+    from trntrain.models import MODEL_FAMILIES
+
+    require(MODEL_FAMILIES[cfg.model.family].parallelize_experts is None, "peft.name", p.name,
+            f"none for model.family={cfg.model.family}",
+            "LoRA adapters on mixture-of-experts models are not implemented yet;")
     from trntrain.peft.lora import ALL_LINEAR, known_targets
 
     require(isinstance(p.rank, int) and 0 < p.rank <= MAX_COUNT, "peft.rank", p.rank,

@@ -26,6 +26,7 @@ class ParamSpec:
     matrix: bool  # ndim >= 2: weight decay
     tp_sharded: bool
     counted: bool = True  # False: a tied head duplicated on the last pipeline stage
+    expert: bool = False  # an MoE expert's: sharded over parallel.ep
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,9 @@ class ModelFamily:
     # memory); a family whose block saves what Llama's does keeps the default.
     layer_activations: Callable[[DictConfig, ActivationSpec], LayerActivations] = (
         llama_layer_activations)
+    # (model, ep_group) -> the model keeping this rank's experts (expert parallelism,
+    # parallel.ep); None: a family without experts (validation refuses ep > 1).
+    parallelize_experts: Callable[[nn.Module, Group], nn.Module] | None = None
 
 
 def head_dim(model: DictConfig) -> int:

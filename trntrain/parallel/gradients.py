@@ -4,9 +4,12 @@ After backward:
 1. tp: gradients of tp-replicated parameters that differ between tp ranks
    (`tp_grad_reduce`: norms under sequence parallelism, replicated kv weights)
    are summed over the tp group;
-2. dp: every gradient is averaged over the data-parallel group;
+2. dp: every gradient is averaged over the data-parallel group, but those of experts
+   under expert parallelism (`ep_expert`), which are summed over the ranks holding the
+   same experts (the edp group: each copy already holds the gradient of the tokens its
+   ep group sent it) and divided by dp;
 3. the global norm counts each parameter once: shards summed over tp, replicated
-   parameters taken once.
+   parameters taken once, experts summed over the ep group (each rank holds others).
 
 Reductions run on flat buckets, one collective per bucket: a small collective
 costs about as much as a large one on gloo and on EFA, so few large ones win.
@@ -91,6 +94,11 @@ def is_tp_sharded(param: nn.Parameter) -> bool:
     return hasattr(param, "tp_shard")
 
 
+def is_expert(param: nn.Parameter) -> bool:
+    """An expert's weight sharded by expert parallelism (ep > 1)."""
+    return getattr(param, "ep_expert", False)
+
+
 def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not grads:
         return torch.zeros((), device=device)
@@ -110,18 +118,23 @@ def global_norm(sharded_squares: torch.Tensor, replicated_squares: torch.Tensor,
 
 @torch.no_grad()
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, tp_group: Group,
-                    pp_group: Group = None) -> torch.Tensor:
+                    pp_group: Group = None, ep_group: Group = None) -> torch.Tensor:
     """Scale gradients so that their global norm is at most `max_norm` (0: only measure).
 
     Returns the norm before clipping, identical on every rank, as a device tensor.
-    Stages add their parts; a tied head (`pp_duplicate`) is counted on the first stage.
+    Stages add their parts; a tied head (`pp_duplicate`) is counted on the first stage;
+    the experts of the ep group's ranks add theirs.
     """
     with_grad = [p for p in params if p.grad is not None]
     counted = [p for p in with_grad if not getattr(p, "pp_duplicate", False)]
     device = with_grad[0].grad.device
     sharded = _norm([p.grad for p in counted if is_tp_sharded(p)], device)
-    replicated = _norm([p.grad for p in counted if not is_tp_sharded(p)], device)
-    total = global_norm(sharded.pow(2), replicated.pow(2), tp_group, pp_group)
+    replicated = _norm([p.grad for p in counted if not is_tp_sharded(p) and not is_expert(p)],
+                       device).pow(2)
+    experts = [p.grad for p in counted if is_expert(p)]
+    if experts:
+        replicated = replicated + all_reduce(_norm(experts, device).pow(2), ep_group)
+    total = global_norm(sharded.pow(2), replicated, tp_group, pp_group)
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
     return total
@@ -133,18 +146,31 @@ class ReplicatedOptimizer:
     gradients, clip, step, zero, state bytes), so the trainer holds either one alike."""
 
     def __init__(self, params: list[nn.Parameter], optim_cfg: DictConfig, dp_group: Group,
-                 bucket_mb: float, stochastic_rounding_seed: int | None = None) -> None:
+                 bucket_mb: float, stochastic_rounding_seed: int | None = None,
+                 ep_group: Group = None, edp_group: Group = None) -> None:
         self.params = params
         self.optimizer = build_optimizer(params, [decays(p) for p in params], optim_cfg,
                                          stochastic_rounding_seed)
-        self._reducer = GradientReducer(params, dp_group, bucket_mb, average=True)
+        self._reducer = GradientReducer([p for p in params if not is_expert(p)], dp_group,
+                                        bucket_mb, average=True)
+        self.experts = [p for p in params if is_expert(p)]
+        self._expert_reducer = GradientReducer(self.experts, edp_group, bucket_mb,
+                                               average=False)
+        self.dp = group_size(dp_group)
+        self.ep_group = ep_group
 
     def reduce_gradients(self) -> None:
         self._reducer.reduce()
+        self._expert_reducer.reduce()
+        if self.dp > 1:
+            with torch.no_grad():
+                for p in self.experts:
+                    if (g := gradient(p)) is not None:
+                        g.div_(self.dp)
 
     def clip_grad_norm_(self, max_norm: float, tp_group: Group, pp_group: Group
                         ) -> torch.Tensor:
-        return clip_grad_norm_(self.params, max_norm, tp_group, pp_group)
+        return clip_grad_norm_(self.params, max_norm, tp_group, pp_group, self.ep_group)
 
     def step(self) -> None:
         self.optimizer.step()

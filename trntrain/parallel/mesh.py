@@ -2,6 +2,12 @@
 
 rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank, so a tp group is a run of
 contiguous ranks (one node's NeuronLink), and pp spans nodes.
+
+Expert parallelism is carved out of dp: dp_rank = edp_rank * ep + ep_rank, so an ep
+group (the ranks that exchange tokens and hold different experts) is ep consecutive
+dp ranks at one (pp, tp) coordinate, tp ranks apart, and an edp group (the dp / ep
+ranks holding the same experts, over which their gradients are reduced) takes every
+ep-th dp rank.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ class ParallelDims:
     tp: int
     pp: int
     dp: int
+    ep: int = 1  # divides dp
 
     @property
     def world_size(self) -> int:
@@ -44,6 +51,20 @@ class ParallelDims:
                 ])
         return groups
 
+    def expert_group_ranks(self, axis: str) -> list[list[int]]:
+        """Every group along 'ep' (consecutive dp ranks, different experts) or 'edp'
+        (every ep-th dp rank, the same experts), each a list of global ranks."""
+        ep, edp = self.ep, self.dp // self.ep
+        groups = []
+        for pp_rank in range(self.pp):
+            for tp_rank in range(self.tp):
+                outer, inner = (edp, ep) if axis == "ep" else (ep, edp)
+                for i in range(outer):
+                    dp_ranks = ([i * ep + k for k in range(inner)] if axis == "ep"
+                                else [k * ep + i for k in range(inner)])
+                    groups.append([self.rank_of(pp_rank, d, tp_rank) for d in dp_ranks])
+        return groups
+
 
 @dataclass
 class Mesh:
@@ -59,6 +80,10 @@ class Mesh:
     pp_pairs: dict[tuple[int, int], dist.ProcessGroup] = field(default_factory=dict)
     # First and last pipeline stage at this (dp, tp) coordinate: tied embeddings.
     embedding_group: dist.ProcessGroup | None = None
+    # Expert parallelism: the ranks exchanging tokens (different experts), and those
+    # holding this rank's experts (their gradients' reduction); None at size 1.
+    ep_group: dist.ProcessGroup | None = None
+    edp_group: dist.ProcessGroup | None = None
 
     @property
     def pp_rank(self) -> int:
@@ -103,6 +128,15 @@ def build_mesh(dims: ParallelDims, rank: int,
                 mine = group
         groups[axis] = mine
     mesh = Mesh(dims, rank, groups["tp"], groups["dp"], groups["pp"])
+    if dims.ep > 1:
+        for axis in ("ep", "edp"):
+            axis_groups = dims.expert_group_ranks(axis)
+            for ranks in axis_groups:
+                if len(ranks) == 1:
+                    continue
+                group = dist.new_group(ranks, pg_options=group_options(axis_groups))
+                if rank in ranks:
+                    setattr(mesh, f"{axis}_group", group)
     if dims.pp > 1:
         pairs = [(s, s + 1) for s in range(dims.pp - 1)]
         if dims.pp > 2:

@@ -43,7 +43,7 @@ from trntrain.optim import build_optimizer, decays
 from trntrain.parallel.comm import Group, all_gather_dim, group_rank, group_size
 from trntrain.parallel.comm import reduce_scatter_dim as reduce_scatter
 from trntrain.parallel.flat import pack, unpack
-from trntrain.parallel.gradients import global_norm, gradient
+from trntrain.parallel.gradients import global_norm, gradient, is_expert
 
 COMM_DTYPES = ("param", "fp32")
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -56,8 +56,14 @@ class Bucket:
     tp_sharded: bool
     counted: bool  # False for a tied head counted on the first pipeline stage
     numel: int
-    padded: int  # numel rounded up to a multiple of dp
-    master: torch.Tensor  # this rank's fp32 slice, padded.numel() // dp elements
+    padded: int  # numel rounded up to a multiple of the group's size
+    master: torch.Tensor  # this rank's fp32 slice, padded.numel() // size elements
+    # The group the bucket is sharded over: dp, or for experts under expert parallelism
+    # the ranks holding the same experts (edp), whose gradients are summed and divided
+    # by dp; its size and this rank's place in it.
+    group: Group = None
+    size: int = 1
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,9 @@ class SlicePart:
         return self.stop - self.start
 
 
-def _category(p: nn.Parameter) -> tuple[bool, bool, bool, torch.dtype]:
+def _category(p: nn.Parameter) -> tuple[bool, bool, bool, torch.dtype, bool]:
     return (decays(p), hasattr(p, "tp_shard"), not getattr(p, "pp_duplicate", False),
-            p.dtype)
+            p.dtype, is_expert(p))
 
 
 class ShardedOptimizer:
@@ -92,12 +98,14 @@ class ShardedOptimizer:
                  bucket_mb: float, comm_dtype: str = "param",
                  fp32_grad_accumulation: bool = False,
                  master_dtype: torch.dtype = torch.float32,
-                 stochastic_rounding_seed: int | None = None) -> None:
+                 stochastic_rounding_seed: int | None = None, edp_group: Group = None
+                 ) -> None:
         if comm_dtype not in COMM_DTYPES:
             raise ValueError(f"comm_dtype={comm_dtype!r}; valid: one of {COMM_DTYPES}")
         self.dp_group = dp_group
         self.dp = group_size(dp_group)
         self.dp_rank = group_rank(dp_group)
+        self.edp_group = edp_group
         self.comm_fp32 = comm_dtype == "fp32"
         self.fp32_grads = fp32_grad_accumulation
         self.master_dtype = master_dtype
@@ -119,12 +127,15 @@ class ShardedOptimizer:
                                          stochastic_rounding_seed)
 
     def _add_bucket(self, params: list[nn.Parameter], key: tuple) -> None:
-        decay, tp_sharded, counted, _ = key
+        decay, tp_sharded, counted, _, expert = key
+        group = self.edp_group if expert else self.dp_group
+        size, rank = group_size(group), group_rank(group)
         numel = sum(p.numel() for p in params)
-        padded = -(-numel // self.dp) * self.dp
+        padded = -(-numel // size) * size
         flat = pack([p.detach() for p in params], self.master_dtype, padded)
-        master = flat.chunk(self.dp)[self.dp_rank].clone()
-        self.buckets.append(Bucket(params, decay, tp_sharded, counted, numel, padded, master))
+        master = flat.chunk(size)[rank].clone()
+        self.buckets.append(Bucket(params, decay, tp_sharded, counted, numel, padded, master,
+                                   group, size, rank))
 
     # The parameters are cast to bf16 after the buckets are built, so the dtypes are
     # read from them when communicating, not remembered from construction.
@@ -146,8 +157,8 @@ class ShardedOptimizer:
                      for p in b.params]
             flat = pack(grads, self.grad_comm_dtype(b), b.padded)
             if self.dp > 1:
-                flat.div_(self.dp)
-            b.master.grad = reduce_scatter(flat, 0, self.dp_group).to(self.master_dtype)
+                flat.div_(self.dp)  # experts: summed over edp, divided by all of dp
+            b.master.grad = reduce_scatter(flat, 0, b.group).to(self.master_dtype)
             for p in b.params:
                 p.grad = p.main_grad = None
 
@@ -175,7 +186,7 @@ class ShardedOptimizer:
     def step(self) -> None:
         self.optimizer.step()
         for b in self.buckets:
-            flat = all_gather_dim(b.master.to(self.weight_comm_dtype(b)), 0, self.dp_group)
+            flat = all_gather_dim(b.master.to(self.weight_comm_dtype(b)), 0, b.group)
             for p, updated in zip(b.params, unpack(flat, b.params), strict=True):
                 p.copy_(updated)
 
@@ -189,8 +200,8 @@ class ShardedOptimizer:
 
     def slice_parts(self, b: Bucket) -> list[SlicePart]:
         """The parameters (parts of them) this rank's slice of bucket `b` holds, in order."""
-        size = b.padded // self.dp
-        low, high = self.dp_rank * size, (self.dp_rank + 1) * size
+        size = b.padded // b.size
+        low, high = b.rank * size, (b.rank + 1) * size
         parts, position = [], 0
         for p in b.params:
             start, stop = max(low, position), min(high, position + p.numel())

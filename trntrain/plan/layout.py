@@ -28,11 +28,12 @@ class Layout:
     virtual_pp: int
     microbatches: int  # per optimizer step on each data-parallel rank
     micro_batch_size: int  # sequences per micro-batch
+    ep: int = 1  # expert parallelism, carved out of dp
 
     @property
     def dims(self) -> ParallelDims:
         """The process mesh of the layout (global ranks of its groups)."""
-        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp)
+        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp, ep=self.ep)
 
     @property
     def world_size(self) -> int:
@@ -53,7 +54,7 @@ class Layout:
                 f"parallel.zero1={str(self.zero1).lower()}",
                 f"parallel.activation_checkpointing={self.activation_checkpointing}",
                 f"parallel.schedule={self.schedule}", f"parallel.virtual_pp={self.virtual_pp}",
-                f"train.micro_batch_size={self.micro_batch_size}"]
+                f"train.micro_batch_size={self.micro_batch_size}", f"parallel.ep={self.ep}"]
 
 
 def planned_world_size(cfg: DictConfig) -> int:
@@ -73,5 +74,5 @@ def layout_from_config(cfg: DictConfig, world_size: int) -> Layout:
         activation_checkpointing=p.activation_checkpointing, schedule=p.schedule,
         virtual_pp=p.virtual_pp if p.pp > 1 else 1,
         microbatches=microbatches(cfg, world_size),
-        micro_batch_size=micro_batch_size(cfg, world_size),
+        micro_batch_size=micro_batch_size(cfg, world_size), ep=p.ep,
     )

@@ -154,7 +154,7 @@ def rank_params(model: DictConfig, layout: Layout, seq_len: int, rank: int,
         if chunk == 0:
             out.append(Param(v_size // tp * h, True, tp > 1))
         for _ in range(sizes[chunk]):
-            out.extend(layer_params(model, tp))
+            out.extend(ep_local(layer_params(model, tp), layout.ep))
         if chunk == last:
             out.append(Param(h, False, False))
             # A tied head is the embedding itself, unless pipelining put them apart.
@@ -162,6 +162,14 @@ def rank_params(model: DictConfig, layout: Layout, seq_len: int, rank: int,
                 duplicate = model.tie_embeddings and layout.pp > 1
                 out.append(Param(v_size // tp * h, True, tp > 1, counted=not duplicate))
     return out
+
+
+def ep_local(params: list[Param], ep: int) -> list[Param]:
+    """A layer's parameters on an ep rank: num_experts / ep of the experts."""
+    if ep == 1:
+        return params
+    experts = [p for p in params if p.expert]
+    return [p for p in params if not p.expert] + experts[:len(experts) // ep]
 
 
 def all_rank_params(model: DictConfig, layout: Layout, seq_len: int,
@@ -202,21 +210,28 @@ def sharded_optimizer(train: DictConfig, layout: Layout) -> bool:
     return layout.zero1 or (train.precision == "bf16" and train.master_weights)
 
 
-def optimizer_bucket_params(params: list[Param], bucket_mb: float) -> list[list[int]]:
-    """The elements of each parameter of each flat bucket of `ShardedOptimizer`, in the
-    order it builds them: per category (decay, tp-sharded, counted in the norm), at most
-    bucket_mb of fp32 each, a parameter larger than that alone in its own."""
+def optimizer_bucket_groups(params: list[Param], bucket_mb: float
+                            ) -> list[tuple[bool, list[int]]]:
+    """(experts?, the elements of each parameter) of each flat bucket of
+    `ShardedOptimizer`, in the order it builds them: per category (decay, tp-sharded,
+    counted in the norm, expert), at most bucket_mb of fp32 each, a parameter larger
+    than that alone in its own."""
     limit = int(bucket_mb * 2**20) // 4
     open_buckets: dict[tuple, list[int]] = {}
-    closed: list[list[int]] = []
+    closed: list[tuple[bool, list[int]]] = []
     for p in params:
-        key = (p.matrix, p.tp_sharded, p.counted)
+        key = (p.matrix, p.tp_sharded, p.counted, p.expert)
         current = open_buckets.setdefault(key, [])
         if current and sum(current) + p.numel > limit:
-            closed.append(current)
+            closed.append((p.expert, current))
             current = open_buckets[key] = []
         current.append(p.numel)
-    return closed + [b for b in open_buckets.values() if b]
+    return closed + [(key[3], b) for key, b in open_buckets.items() if b]
+
+
+def optimizer_bucket_params(params: list[Param], bucket_mb: float) -> list[list[int]]:
+    """The elements of each parameter of each flat bucket of `ShardedOptimizer`."""
+    return [b for _, b in optimizer_bucket_groups(params, bucket_mb)]
 
 
 def optimizer_buckets(params: list[Param], bucket_mb: float) -> list[int]:
@@ -224,10 +239,13 @@ def optimizer_buckets(params: list[Param], bucket_mb: float) -> list[int]:
     return [sum(b) for b in optimizer_bucket_params(params, bucket_mb)]
 
 
-def sharded_elements(params: list[Param], dp: int, bucket_mb: float, precision: str) -> int:
+def sharded_elements(params: list[Param], dp: int, bucket_mb: float, precision: str,
+                     ep: int = 1) -> int:
     """Elements of this rank's slices in `ShardedOptimizer`: each bucket padded to a
     multiple of dp, 1/dp of each."""
-    return sum(-(-n // dp) for n in optimizer_buckets(params, bucket_mb))
+    # Experts' buckets are sharded over the dp / ep ranks holding the same experts.
+    return sum(-(-sum(b) // (dp // ep if expert else dp))
+               for expert, b in optimizer_bucket_groups(params, bucket_mb))
 
 
 def reducer_bucket_params(numels: list[int], bucket_mb: float, element_bytes: int
@@ -384,7 +402,8 @@ def static_bytes(cfg: DictConfig, layout: Layout, params: list[Param], frozen: i
     pe = param_bytes(t.precision)
     grads = numel * gradient_bytes(t)
     if sharded_optimizer(t, layout):
-        slice_numel = sharded_elements(params, layout.dp, cfg.parallel.bucket_mb, t.precision)
+        slice_numel = sharded_elements(params, layout.dp, cfg.parallel.bucket_mb, t.precision,
+                                       layout.ep)
         m = master_bytes(t)
         optimizer, master = 2 * m * slice_numel, m * slice_numel
     else:

@@ -16,12 +16,14 @@ PARTS = {"params": "parameters", "grads": "gradients", "optimizer_states": "opti
          "gradient_sync": "gradient buckets"}
 TERMS = {"compute": "compute", "tp_comm": "tp collectives", "pp_p2p": "pipeline transfers",
          "pp_bubble": "pipeline bubble", "dp_comm": "dp gradient sync",
-         "reference_forward": "reference forward"}
+         "ep_all_to_all": "ep all-to-all", "reference_forward": "reference forward"}
 
 
 def layout_line(plan: Plan) -> str:
     lay = plan.layout
     parts = [f"tp={lay.tp}", f"pp={lay.pp}", f"dp={lay.dp}"]
+    if lay.ep > 1:
+        parts.append(f"ep={lay.ep}")
     if lay.sequence_parallel:
         parts.append("sp")
     if lay.zero1:
@@ -33,6 +35,18 @@ def layout_line(plan: Plan) -> str:
     return " ".join(parts)
 
 
+def moe_lines(model: DictConfig) -> list[str]:
+    """Total and active parameters of an MoE model (FLOPs and MFU count the active)."""
+    if not model.get("num_experts"):
+        return []
+    from trntrain.models import family_of
+    from trntrain.models.moe_costs import parameter_counts
+
+    total, active = parameter_counts(model, family_of(model).layer_params)
+    return [f"parameters: {total / 1e9:.2f} B, {active / 1e9:.2f} B active ({model.top_k} of "
+            f"{model.num_experts} experts per token; FLOPs and MFU from the active)"]
+
+
 def text(plan: Plan, cfg: DictConfig) -> str:
     c, t = cfg.cluster, cfg.train
     cores = f"{plan.world_size} core{'s' if plan.world_size > 1 else ''}"
@@ -40,6 +54,7 @@ def text(plan: Plan, cfg: DictConfig) -> str:
         f"plan: {cfg.model.name} on {c.nodes} x {c.name} ({cores}), "
         f"{t.global_batch_size} x {t.seq_len} tokens per step, {t.precision}",
         f"layout: {layout_line(plan)}",
+        *moe_lines(cfg.model),
         "",
         f"memory per core (pipeline stage {plan.stage}, the largest):",
     ]

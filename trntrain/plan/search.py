@@ -58,7 +58,7 @@ def candidates(cfg: DictConfig, world: int) -> list[Layout]:
                 if (t.global_batch_size // dp) % mbs:
                     continue
                 p = trial.parallel
-                p.tp, p.pp, p.dp, p.sequence_parallel = tp, pp, None, sp
+                p.tp, p.pp, p.dp, p.sequence_parallel, p.ep = tp, pp, None, sp, 1
                 p.schedule, p.virtual_pp, p.microbatches = schedule, v, None
                 trial.train.micro_batch_size = mbs
                 try:
@@ -67,8 +67,11 @@ def candidates(cfg: DictConfig, world: int) -> list[Layout]:
                     first_error = first_error or err
                     continue
                 m_count = t.global_batch_size // (dp * mbs)
-                for zero1, mode in itertools.product((False, True), CHECKPOINTING):
-                    layout = Layout(tp, pp, dp, sp, zero1, mode, schedule, v, m_count, mbs)
+                # Expert parallelism: any divisor of dp that divides the experts.
+                eps = [e for e in divisors(dp) if getattr(m, "num_experts", None)
+                       and m.num_experts % e == 0] or [1]
+                for zero1, mode, ep in itertools.product((False, True), CHECKPOINTING, eps):
+                    layout = Layout(tp, pp, dp, sp, zero1, mode, schedule, v, m_count, mbs, ep)
                     if not zero1 and sharded_optimizer(t, layout):
                         continue  # bf16 master weights: sharded either way, listed once
                     found.append(layout)

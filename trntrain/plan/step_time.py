@@ -22,7 +22,11 @@ bound of what the layout can do at the given compute efficiency.
   and all-gather of the weights, (d - 1) / d x B / bandwidth each, in the parameters'
   dtype (fp32 gradients under train.fp32_grad_accumulation; both fp32 with
   parallel.zero1_comm_dtype=fp32);
-  otherwise a ring all-reduce of the gradients in their dtype.
+  otherwise a ring all-reduce of the gradients in their dtype;
+- ep (MoE): per MoE layer and micro-batch, the all-to-alls of dispatch and combine
+  forward and their two backward (two more under full checkpointing, which recomputes
+  the forward), each moving the rank's top_k x b s h e bytes of routed tokens, of
+  which (ep - 1) / ep leave the rank.
 
 Bandwidth of a group: `cluster.intra_node_gbps` per core when it sits in one node.
 A group spanning nodes goes over EFA, which every core of the node shares: each node
@@ -128,7 +132,13 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
         bw = min(group_bandwidth(cfg, ranks[i:i + 2]) for i in range(layout.pp - 1))
         shard = layout.tp if layout.sequence_parallel else 1
         p2p = 2 * layout.virtual_pp * tokens * m.dim * e / shard / bw
-    per_microbatch = compute + tp_comm + p2p
+    ep_comm = 0.0
+    if layout.ep > 1 and getattr(m, "num_experts", None):
+        ranks = [dims.rank_of(0, i, 0) for i in range(layout.ep)]
+        exchanges = (4 + 2 * (mode == "full")) * sum(sizes[i] for i in held[busiest])
+        ep_comm = (exchanges * (layout.ep - 1) / layout.ep * m.top_k * tokens * m.dim * e
+                   / group_bandwidth(cfg, ranks))
+    per_microbatch = compute + tp_comm + p2p + ep_comm
     if layout.pp > 1:
         bubble = (layout.pp - 1) / layout.virtual_pp * per_microbatch
 
@@ -155,6 +165,8 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
                                  + (head / 3 if i == last else 0) for i in held[busiest])
                    / rank_flops(busiest) + (tp_comm + p2p) / 2)
         out["reference_forward"] = mb * forward + (layout.pp - 1) / layout.virtual_pp * forward
+    if layout.ep > 1:
+        out["ep_all_to_all"] = mb * ep_comm
     return out
 
 

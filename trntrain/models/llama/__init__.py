@@ -3,6 +3,8 @@ Face adapter, bundled as `FAMILY`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -15,10 +17,11 @@ from trntrain.models.llama.parallelize import parallelize_llama
 
 
 def llama_args(model_cfg: DictConfig, args_class: type[LlamaArgs] = LlamaArgs) -> LlamaArgs:
-    """The args dataclass of a model config (`args_class`: a family's subclass)."""
+    """The args dataclass of a model config (`args_class`: a family's subclass); keys the
+    class does not have (the MoE keys of a dense family, at their defaults) are left out."""
     fields = OmegaConf.to_container(model_cfg, resolve=True)
-    for key in ("name", "family"):
-        fields.pop(key, None)
+    known = {f.name for f in dataclasses.fields(args_class)}
+    fields = {k: v for k, v in fields.items() if k in known}
     scaling = fields.pop("rope_scaling", None)
     return args_class(**fields, rope_scaling=RopeScaling(**scaling) if scaling else None)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from trntrain.models.layers import RMSNorm
+from trntrain.models.layers import FeedForward, RMSNorm
 from trntrain.parallel.comm import Group, group_size
 from trntrain.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -62,7 +62,9 @@ def parallelize_llama(model: nn.Module, tp_group: Group, sequence_parallel: bool
     model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp_group, sp)
     for layer in model.layers.values():
         parallelize_attention(layer.attention, tp_group, sp, args.kv_heads, args.head_dim)
-        parallelize_mlp(layer.feed_forward, tp_group, sp)
+        if isinstance(layer.feed_forward, FeedForward):
+            # An MoE block's experts stay whole on every tp rank (docs/moe.md).
+            parallelize_mlp(layer.feed_forward, tp_group, sp)
         if sp:  # the block's own norms (not those inside attention) see a sequence shard
             for norm in layer.children():
                 if isinstance(norm, RMSNorm):
