@@ -63,7 +63,8 @@ class PackedTestSource(DataSource):
         offset = 0 if split == "train" else WINDOWS
         windows = self._orders[split].windows(indices, shuffle)
         rows = [row(self.seed, offset + int(i), self.seq_len, self.vocab)[0] for i in windows]
-        return Batch(*(torch.cat(parts) for parts in zip(*rows, strict=True)))
+        fields = zip(*(r[:4] for r in rows), strict=True)  # inputs ... documents
+        return Batch(*(torch.cat(parts) for parts in fields))
 
 
 DATA_SOURCES[NAME] = PackedTestSource
