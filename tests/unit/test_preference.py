@@ -197,6 +197,7 @@ def test_objective_and_data_must_agree():
     with pytest.raises(ConfigError, match="objective.name.*no preference pairs"):
         validate(tiny_config("objective=dpo"), 1)
     with pytest.raises(ConfigError, match="objective.name.*only a preference objective"):
-        validate(tiny_config("data=preference"), 1)
+        validate(tiny_config("data=preference", "train.seq_len=128"), 1)
     with pytest.raises(ConfigError, match="objective.loss_type"):
-        validate(tiny_config("data=preference", "objective=dpo", "objective.loss_type=kto"), 1)
+        validate(tiny_config("data=preference", "objective=dpo", "objective.loss_type=kto",
+                             "train.seq_len=128"), 1)
