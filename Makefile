@@ -47,8 +47,13 @@ setup-xla: .venv-xla.stamp
 train: setup
 	$(BIN)/trntrain train $(ARGS)
 
-# Everything: lint, the suite on the newest torch, the XLA tests and the core
-# single-process and gloo tests on torch 2.9 (what Trn1 users run).
+# Everything: lint, the suite on the newest torch, the XLA tests and, on torch 2.9 (what
+# Trn1 users run), the tests that exercise torch itself across versions: every gloo
+# layout (tests/dist) and the single-process tests of attention masks, DCP and HF
+# checkpoints, generation, LoRA, the backends and the reference step. The pure-Python
+# tests (config, data, planner, reports) and CPU-only numerics run on the newest torch.
+TORCH29_TESTS := tests/dist $(addsuffix .py,$(addprefix tests/unit/test_,backend \
+	document_mask generate lora reliability reference_step))
 test: test-cpu test-xla
 
 test-cpu: setup
@@ -57,7 +62,7 @@ test-cpu: setup
 
 test-xla: setup-xla
 	$(XLA_ENV) $(XLA_BIN)/python -m pytest -q -p no:cacheprovider tests/xla
-	$(XLA_ENV) $(XLA_BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/dist
+	$(XLA_ENV) $(XLA_BIN)/python -m pytest -q -p no:cacheprovider $(TORCH29_TESTS)
 
 lint: setup
 	$(BIN)/ruff check .
