@@ -39,9 +39,9 @@ def test_pure_bf16_runs_without_master_weights(fp32_run):
                       World())
     assert trainer.sharded is None
     final = trainer.fit()[-1]
-    # Allowed, and documented as worse: updates below bf16's resolution are lost.
-    assert final["loss"] < 3.0
-    assert final["loss"] != pytest.approx(fp32_run[-1]["loss"], rel=1e-3)
+    # Stochastic rounding (the default) keeps the updates below bf16's resolution in
+    # expectation: within the seed-to-seed spread of fp32 (measured 0.4 % here).
+    assert final["eval_loss"] == pytest.approx(fp32_run[-1]["eval_loss"], rel=0.05)
 
 
 def activation_peak(mode: str) -> tuple[float, int]:
