@@ -72,7 +72,6 @@ from trntrain.objective.reference import (
     load_tables,
     reference_key,
     save_tables,
-    steps_over,
 )
 from trntrain.optim import build_lr_scheduler, lr_factor, uses_stochastic_rounding
 from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh
@@ -318,17 +317,16 @@ class Trainer:
             return PrecomputedReference({s: t.to(backend.device) for s, t in stored.items()})
         start = time.perf_counter()
         g = cfg.train.global_batch_size
-        readers = {split: StepBatches(self.data, split, g, self.micro_batch_size,
-                                      self.mesh.dp_rank, self.mesh.dims.dp, shuffle=False,
-                                      inputs=self.train_batches.inputs,
-                                      labels=self.train_batches.labels)
-                   for split in num_pairs}
 
-        def split_batches(split: str, step: int) -> list[Batch]:
-            return next(backend.batches(iter([readers[split].step(step)])))
+        def split_steps(split: str) -> Iterator[list[Batch]]:
+            """The split's pairs in order, a global batch a step, through one device loader."""
+            reader = StepBatches(self.data, split, g, self.micro_batch_size, self.mesh.dp_rank,
+                                 self.mesh.dims.dp, shuffle=False,
+                                 inputs=self.train_batches.inputs,
+                                 labels=self.train_batches.labels)
+            return backend.batches(reader.steps(0, -(-num_pairs[split] // g)))
 
-        tables = compute_tables(forward(self.chunks), num_pairs, split_batches,
-                                lambda n: steps_over(n, g), backend.device,
+        tables = compute_tables(forward(self.chunks), num_pairs, split_steps, backend.device,
                                 [self.mesh.dp_group, self.mesh.pp_group])
         if path is not None and self.world.is_main:
             save_tables(path, tables, data_key, ref_key)

@@ -69,6 +69,10 @@ DPO_FEATURES = {
                              "optim.lr=2e-3"],
     "dpo_lora_reference": ["data=preference", "objective=dpo", "train.seq_len=128",
                            "peft=lora", "peft.allow_random_base=true", "optim.lr=1e-2"],
+    # One pass over the demo's 600 pairs before the first step (one graph, the eval
+    # forward's), then a table lookup per step; the dp/pp max of the table is a no-op here.
+    "dpo_precomputed_reference": ["data=preference", "objective=dpo", "train.seq_len=128",
+                                  "objective.reference=precomputed", "optim.lr=2e-3"],
 }
 
 

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -115,18 +115,17 @@ class PrecomputedReference:
 
 
 def compute_tables(forward: LogpsForward, num_pairs: dict[str, int],
-                   split_batches: Callable[[str, int], list[Batch]], steps_of: Callable[[int], int],
+                   split_steps: Callable[[str], Iterator[list[Batch]]],
                    device: torch.device, groups: list) -> dict[str, torch.Tensor]:
     """Every pair's reference log-probabilities, (pairs, 2) per split, on every rank.
 
-    `split_batches(split, step)`: this rank's micro-batches of the pairs of `step` read in
-    order; each rank fills the pairs it scores, the rest stay -inf, and a max over
-    `groups` (dp, pp) gives every rank the whole table."""
+    `split_steps(split)`: this rank's micro-batches of each step over the split's pairs,
+    read in order, on the device; each rank fills the pairs it scores, the rest stay
+    -inf, and a max over `groups` (dp, pp) gives every rank the whole table."""
     tables = {}
     for split in SPLITS:
         table = torch.full((num_pairs[split], 2), -math.inf, device=device)
-        for step in range(steps_of(num_pairs[split])):
-            micro_batches = split_batches(split, step)
+        for micro_batches in split_steps(split):
             for batch, logps in zip(micro_batches, forward(micro_batches), strict=True):
                 if logps is not None:
                     table[batch.pairs] = logps
@@ -183,9 +182,5 @@ def save_tables(path: Path, tables: dict[str, torch.Tensor], data_key: str, ref_
     os.replace(tmp, path)
 
 
-def steps_over(num_pairs: int, global_batch_size: int) -> int:
-    return -(-num_pairs // global_batch_size)
-
-
 __all__ = ["REFERENCE_FILE", "LogpsForward", "ModelReference", "PrecomputedReference",
-           "compute_tables", "load_tables", "save_tables", "reference_key", "steps_over"]
+           "compute_tables", "load_tables", "save_tables", "reference_key"]
