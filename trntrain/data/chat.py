@@ -118,7 +118,7 @@ class Rendered:
 _last_rendered: dict[tuple, Rendered] = {}
 
 
-def _rendering_key(data_cfg: DictConfig, files: list[Path]) -> tuple:
+def rendering_key(data_cfg: DictConfig, files: list[Path]) -> tuple:
     stats = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
     return stats, data_cfg.tokenizer, data_cfg.eot_token, data_cfg.on_bad_line
 
@@ -129,7 +129,7 @@ def render_conversations(data_cfg: DictConfig, reuse: bool = False) -> Rendered:
     UserError naming its file and line, or skipped and counted (data.on_bad_line).
     `reuse`: take (and drop) the rendering check_files made in this process."""
     files = resolve_files(chat_path(data_cfg.path), JSONL_SUFFIXES)
-    key = _rendering_key(data_cfg, files)
+    key = rendering_key(data_cfg, files)
     if reuse and key in _last_rendered:
         return _last_rendered.pop(key)
     tokenizer = build_tokenizer(data_cfg.tokenizer, data_cfg.eot_token)
@@ -325,7 +325,7 @@ DEMO_CONVERSATIONS = 800
 DEMO_MAX_TOKENS = 129
 
 
-class _Lcg:
+class Lcg:
     """A 64-bit linear congruential generator: the same draws on every Python."""
 
     def __init__(self, seed: int) -> None:
@@ -336,7 +336,7 @@ class _Lcg:
         return (self.state >> 33) % n
 
 
-def _demo_exchange(rng: _Lcg) -> tuple[str, str]:
+def _demo_exchange(rng: Lcg) -> tuple[str, str]:
     kind = rng.below(4)
     words = " ".join(DEMO_WORDS[rng.below(len(DEMO_WORDS))] for _ in range(1 + rng.below(3)))
     if kind == 0:
@@ -354,7 +354,7 @@ def demo_records(count: int = DEMO_CONVERSATIONS, seed: int = 7) -> list[dict]:
     """Short conversations of a learnable format: sums, reversed and upper-cased words,
     word counts; some with a system prompt, some of several exchanges (each at most 129
     bytes rendered, so it fits a window of 128), every tenth a prompt/completion pair."""
-    rng = _Lcg(seed)
+    rng = Lcg(seed)
     records = []
     for i in range(count):
         if i % 10 == 9:

@@ -28,7 +28,8 @@ import torch
 from omegaconf import DictConfig
 
 from trntrain.data.base import IGNORE_INDEX, SPLITS, Batch, DataSource, is_validation
-from trntrain.data.chat import ROLES
+from trntrain.data.chat import DEMO_WORDS as CHAT_WORDS
+from trntrain.data.chat import ROLES, Lcg, rendering_key
 from trntrain.data.text import JSONL_SUFFIXES, BadLines, resolve_files
 from trntrain.data.tokenizer import ChatError, ChatTemplate, build_tokenizer
 from trntrain.errors import UserError
@@ -181,8 +182,7 @@ class PreferenceSource(DataSource):
         the padding id; the last rendering of the same files and settings is reused (the
         checks before the run and the load)."""
         files = resolve_files(preference_path(data_cfg.path), JSONL_SUFFIXES)
-        stats = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
-        key = (stats, data_cfg.tokenizer, data_cfg.eot_token, data_cfg.on_bad_line)
+        key = rendering_key(data_cfg, files)
         if key not in _last_rendered:
             _last_rendered.clear()
             _last_rendered[key] = cls._render(data_cfg, files)
@@ -260,8 +260,7 @@ class PreferenceSource(DataSource):
 
 # -- the demo data -----------------------------------------------------------------------------
 
-DEMO_WORDS = ("apple", "river", "stone", "cloud", "green", "light", "music", "table", "paper",
-              "dream", "tiger", "ocean", "bread", "chair", "smile", "night")
+DEMO_WORDS = CHAT_WORDS[:16]
 DEMO_PAIRS = 600
 
 
@@ -269,13 +268,7 @@ def demo_records(count: int = DEMO_PAIRS, seed: int = 11) -> list[dict]:
     """Pairs with a learnable preference: the prompt asks to shout some words; the chosen
     response upper-cases them, the rejected one repeats them unchanged or reversed. Each
     pair fits a row of the default train.seq_len=128."""
-    state = seed
-
-    def below(n: int) -> int:
-        nonlocal state
-        state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
-        return (state >> 33) % n
-
+    below = Lcg(seed).below
     records = []
     for _ in range(count):
         words = " ".join(DEMO_WORDS[below(len(DEMO_WORDS))] for _ in range(1 + below(2)))
