@@ -25,13 +25,7 @@ METRICS = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "logps
            "eval_loss", "eval_reward_margin")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a thread pool on a shared 2-core machine only slows them down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

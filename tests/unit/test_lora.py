@@ -27,14 +27,7 @@ LORA = ("peft=lora", "peft.rank=4", "peft.alpha=8", "optim.lr=1e-2", "optim.warm
         *MODEL)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny models run in milliseconds on one thread; a thread pool on a shared
-    # 2-core machine makes them seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_random_llama(directory: Path, seed: int) -> LlamaForCausalLM:
