@@ -88,3 +88,20 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
 @pytest.fixture
 def distributed() -> Callable[..., list]:
     return run_distributed
+
+
+def train_in_run_dir(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...]
+                     ) -> dict:
+    """A rank's losses by step and the first 64 values of each of its parameters, after
+    training tiny_config(*overrides) into run_dir (a checkpoint test's worker)."""
+    from pathlib import Path
+
+    from trntrain.distributed import World
+    from trntrain.trainer import Trainer
+
+    trainer = Trainer(tiny_config(*overrides), World(rank, world_size, rank),
+                      run_dir=Path(run_dir))
+    records = trainer.fit()
+    params = {name: p.detach().flatten()[:64].tolist() for chunk in trainer.chunks.values()
+              for name, p in chunk.named_parameters()}
+    return {"loss": {r["step"]: r["loss"] for r in records}, "params": params}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-from tests.conftest import tiny_config
+from tests.conftest import train_in_run_dir, tiny_config
 from trntrain.checkpoint.manager import step_dir_name
 from trntrain.distributed import World
 from trntrain.trainer import Trainer
@@ -23,12 +23,7 @@ EP2_ZERO = ("parallel.ep=2", "parallel.zero1=true")
 
 
 def run(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...]) -> dict:
-    trainer = Trainer(tiny_config(*RESUME, *overrides), World(rank, world_size, rank),
-                      run_dir=Path(run_dir))
-    records = trainer.fit()
-    params = {name: p.detach().flatten()[:64].tolist() for chunk in trainer.chunks.values()
-              for name, p in chunk.named_parameters()}
-    return {"loss": {r["step"]: r["loss"] for r in records}, "params": params}
+    return train_in_run_dir(rank, world_size, run_dir, (*RESUME, *overrides))
 
 
 def test_resume_under_ep_is_bitwise_and_reshards_to_one_process(distributed, tmp_path):

@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from tests.conftest import tiny_config
+from tests.conftest import train_in_run_dir, tiny_config
 from trntrain.checkpoint.convert import convert
 from trntrain.checkpoint.manager import step_dir_name
 from trntrain.distributed import World
@@ -128,12 +128,7 @@ TP2_PP2 = ("parallel.tp=2", "parallel.pp=2")
 
 
 def run(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...]) -> dict:
-    trainer = Trainer(tiny_config(*RESUME, *overrides), World(rank, world_size, rank),
-                      run_dir=Path(run_dir))
-    records = trainer.fit()
-    params = {name: p.detach().flatten()[:64].tolist() for chunk in trainer.chunks.values()
-              for name, p in chunk.named_parameters()}
-    return {"loss": {r["step"]: r["loss"] for r in records}, "params": params}
+    return train_in_run_dir(rank, world_size, run_dir, (*RESUME, *overrides))
 
 
 def test_resume_is_bitwise_and_reshards_to_one_process(distributed, tmp_path):
