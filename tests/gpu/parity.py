@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from tests.conftest import tiny_config
+from tests.features import BF16_FEATURES
+from tests.features import FP32_FEATURES as SHARED_FP32
 from trntrain.distributed import World
 from trntrain.trainer import Trainer
 
@@ -37,29 +39,7 @@ FP32_REL = 1e-4
 BF16_REL = 4e-3
 
 # Overrides of tests/conftest.py's tiny config for each feature, with its tolerance.
-FP32_FEATURES: dict[str, list[str]] = {
-    "plain_step": [],
-    "accumulation_4_micro_batches": ["train.micro_batch_size=2"],
-    "checkpointing_full": ["parallel.activation_checkpointing=full"],
-    "checkpointing_selective": ["parallel.activation_checkpointing=selective"],
-    "zero1_code_path_dp1": ["parallel.zero1=true"],
-    # Chat SFT: conversations packed per row with document masks, loss on the assistant.
-    "chat_sft_packed": ["data=chat", "train.seq_len=128"],
-    "document_masking_pretraining": ["data.document_masking=true"],
-    "lora": ["peft=lora", "peft.allow_random_base=true", "optim.lr=3e-3"],
-    "lora_checkpointing_full": ["peft=lora", "peft.allow_random_base=true", "optim.lr=3e-3",
-                                "parallel.activation_checkpointing=full"],
-}
-BF16_FEATURES: dict[str, list[str]] = {
-    "bf16_master_weights": ["train.precision=bf16"],
-    # Round-to-nearest: stochastic rounding draws from each device's own generator.
-    "bf16_pure": ["train.precision=bf16", "train.master_weights=false",
-                  "train.stochastic_rounding=false"],
-    "bf16_autocast": ["train.precision=bf16_autocast"],
-    "bf16_checkpointing_fp32_accumulation": [
-        "train.precision=bf16", "parallel.activation_checkpointing=full",
-        "train.fp32_grad_accumulation=true", "train.micro_batch_size=4"],
-}
+FP32_FEATURES: dict[str, list[str]] = {"plain_step": [], **SHARED_FP32}
 FEATURES: dict[str, tuple[list[str], float]] = {
     **{name: (o, FP32_REL) for name, o in FP32_FEATURES.items()},
     **{name: (o, BF16_REL) for name, o in BF16_FEATURES.items()},
