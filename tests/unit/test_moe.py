@@ -361,6 +361,10 @@ def test_export_loads_in_transformers_with_equal_logits_and_imports_back(name, t
     (["model=mixtral_tiny", "parallel.ep=4", "parallel.tp=2"], 4, "parallel.ep"),
     (["model=qwen3_moe_tiny", "model.num_experts=6", "parallel.ep=4"], 4, "parallel.ep"),
     (["model=mixtral_tiny", "backend.name=xla"], 1, "model.capacity_factor"),
+    # ProcessGroupXla's all_to_all_single spans the whole world, not the ep group.
+    (["model=mixtral_tiny", "backend.name=xla", "model.capacity_factor=1.25", "parallel.ep=2"],
+     2, "parallel.ep"),
+    (["model=mixtral_tiny", "backend.name=xla", "model.capacity_factor=1.25"], 1, None),
     (["model=llama_tiny", "parallel.ep=2"], 2, "parallel.ep"),
     (["model=llama_tiny", "model.num_experts=4"], 1, "model.num_experts"),
     (["model=mixtral_tiny", "parallel.tp=2", "parallel.sequence_parallel=true"], 2,

@@ -220,6 +220,11 @@ def _validate_expert_parallel(cfg: DictConfig, world_size: int) -> None:
         return
     require(moe, "parallel.ep", p.ep, f"1 for model.family={m.family}",
             "expert parallelism shards the experts of an MoE family (mixtral, qwen3_moe);")
+    require(not (backend in BACKENDS and BACKENDS[backend].lazy), "parallel.ep", p.ep,
+            f"1 on backend {backend}",
+            "torch-xla's process group runs all_to_all_single over the whole world, whatever "
+            "the group and without split sizes (ProcessGroupXla.alltoall_base), so the "
+            "expert-parallel dispatch would exchange tokens with the wrong ranks;")
     dp = data_parallel_size(cfg, world_size)
     require(dp % p.ep == 0, "parallel.ep", p.ep, f"a divisor of the data-parallel size {dp}",
             "expert-parallel groups are carved out of the data-parallel ranks;")
