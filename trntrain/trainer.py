@@ -512,7 +512,9 @@ class Trainer:
         total = torch.zeros((), device=self.backend.device)
         batches = self.val_batches.steps(0, self.cfg.train.eval_batches)
         self.eval_inputs = ()
-        for micro_batches in self.backend.batches(batches):
+        # A few batches read once: copied on this thread, not by a second loader thread
+        # running beside the training loader's (which keeps prefetching meanwhile).
+        for micro_batches in self.backend.batches(batches, prefetch=False):
             if not self.eval_inputs:
                 self.eval_inputs = signature(micro_batches)
             if self.reference is not None:

@@ -100,8 +100,10 @@ class Backend:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
-    def batches(self, batches: Iterator[list[Batch]]) -> Iterator[list[Batch]]:
-        """Move each step's micro-batches to the device."""
+    def batches(self, batches: Iterator[list[Batch]], prefetch: bool = True
+                ) -> Iterator[list[Batch]]:
+        """Move each step's micro-batches to the device (prefetch: ahead of use, on
+        backends that copy in a background thread)."""
         for step_batches in batches:
             yield [Batch(*(None if t is None else self.to_device(t) for t in batch))
                    for batch in step_batches]

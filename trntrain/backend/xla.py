@@ -105,8 +105,13 @@ class XlaBackend(Backend):
 
         xm.wait_device_ops()
 
-    def batches(self, batches: Iterator[list[Batch]]) -> Iterator[list[Batch]]:
-        """Each step's micro-batches, copied to the device by a background thread ahead of use."""
+    def batches(self, batches: Iterator[list[Batch]], prefetch: bool = True
+                ) -> Iterator[list[Batch]]:
+        """Each step's micro-batches, copied to the device by a background thread ahead of
+        use; without prefetch, on the calling thread as they are asked for."""
+        if not prefetch:
+            yield from super().batches(batches)
+            return
         from torch_xla.distributed.parallel_loader import MpDeviceLoader
 
         loader = MpDeviceLoader(_Iterable(batches), self.device, loader_prefetch_size=4,
