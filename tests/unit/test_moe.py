@@ -16,12 +16,15 @@ import transformers
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from tests.conftest import tiny_config
 from trntrain.config import ConfigError, compose, validate
+from trntrain.distributed import World
 from trntrain.models import build_model, count_parameters, family_for_hf, family_of
 from trntrain.models.mixtral import Mixtral, MixtralArgs
 from trntrain.models.moe import MoE, moe_modules
 from trntrain.models.moe_costs import parameter_counts
 from trntrain.models.qwen3_moe import Qwen3Moe, Qwen3MoeArgs
+from trntrain.trainer import Trainer
 
 # -- sizes ---------------------------------------------------------------------------------------
 
@@ -242,6 +245,53 @@ def test_one_layer_loss_equals_transformers_loss_with_its_aux_loss(case):
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+def test_global_pooling_gives_transformers_loss_gradients_on_several_layers(case):
+    """model.router_aux_loss_pooling=global: the gradients of transformers' loss
+    (cross-entropy + coef x aux_loss, the routing of all layers pooled) on three layers,
+    where the pooled loss differs from the mean of the layers' losses."""
+    args = dataclasses.replace(CASES[case], n_layers=3, router_aux_loss_pooling="global")
+    model = build(args)
+    reference = hf_copy(model)
+    inputs, _ = tokens(args.vocab_size)
+    out = reference(input_ids=inputs, labels=inputs)
+    logits = model(inputs)
+    layers_mean = torch.stack([
+        load_balancing_loss_func((r,), args.num_experts, args.top_k) for r in out.router_logits
+    ]).mean()
+    assert abs(layers_mean - out.aux_loss) > 1e-4  # the two definitions differ here
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), inputs[:, 1:].flatten()).backward()
+    out.loss.backward()
+    hf_params = dict(reference.named_parameters())
+    for name, grad in our_gradients_in_hf_layout(model).items():
+        torch.testing.assert_close(grad, hf_params[name].grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_global_pooling_under_activation_checkpointing_and_micro_batches(one_thread):
+    """Each micro-batch's forward rewrites the pool, and so does the recomputation of a
+    checkpointed block: the trainer's gradients over two micro-batches with full
+    activation checkpointing are those of transformers' loss on each micro-batch
+    (cross-entropy over the step's tokens + coef x aux_loss / micro-batches)."""
+    trainer = Trainer(tiny_config(
+        "model=mixtral_tiny", "model.n_layers=3", "model.router_aux_loss_coef=0.1",
+        "model.router_aux_loss_pooling=global", "train.max_steps=1",
+        "train.micro_batch_size=4", "parallel.activation_checkpointing=full"), World())
+    reference = hf_copy(trainer.model)
+    micro_batches = trainer.train_batches.step(0)
+    assert len(micro_batches) == 2
+    trainer.forward_backward(micro_batches)
+    tokens = sum(b.labels.numel() for b in micro_batches)
+    for batch in micro_batches:
+        out = reference(input_ids=batch.inputs)
+        ce = F.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten(), reduction="sum")
+        (ce / tokens + reference.config.router_aux_loss_coef * out.aux_loss / 2).backward()
+    hf_params = dict(reference.named_parameters())
+    for name, grad in our_gradients_in_hf_layout(trainer.model).items():
+        torch.testing.assert_close(grad, hf_params[name].grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_z_loss_is_the_mean_squared_logsumexp_of_the_router_logits():
     args = dataclasses.replace(MIXTRAL, router_aux_loss_coef=0.0, router_z_loss_coef=0.1)
     model = build(args)
@@ -361,15 +411,20 @@ def test_export_loads_in_transformers_with_equal_logits_and_imports_back(name, t
     (["model=mixtral_tiny", "parallel.ep=4", "parallel.tp=2"], 4, "parallel.ep"),
     (["model=qwen3_moe_tiny", "model.num_experts=6", "parallel.ep=4"], 4, "parallel.ep"),
     (["model=mixtral_tiny", "backend.name=xla"], 1, "model.capacity_factor"),
-    # ProcessGroupXla's all_to_all_single spans the whole world, not the ep group.
+    # On XLA the dispatch runs torch-xla's all-to-all over the ep group's replica groups.
     (["model=mixtral_tiny", "backend.name=xla", "model.capacity_factor=1.25", "parallel.ep=2"],
-     2, "parallel.ep"),
+     2, None),
     (["model=mixtral_tiny", "backend.name=xla", "model.capacity_factor=1.25"], 1, None),
     (["model=llama_tiny", "parallel.ep=2"], 2, "parallel.ep"),
     (["model=llama_tiny", "model.num_experts=4"], 1, "model.num_experts"),
     (["model=mixtral_tiny", "parallel.tp=2", "parallel.sequence_parallel=true"], 2,
      "parallel.sequence_parallel"),
     (["model=mixtral_tiny", "model.capacity_factor=0"], 1, "model.capacity_factor"),
+    (["model=mixtral_tiny", "model.router_aux_loss_pooling=all"], 1,
+     "model.router_aux_loss_pooling"),
+    (["model=mixtral_tiny", "model.router_aux_loss_pooling=global", "parallel.pp=2"], 2,
+     "model.router_aux_loss_pooling"),
+    (["model=mixtral_tiny", "model.router_aux_loss_pooling=global", "parallel.ep=2"], 2, None),
     (["model=mixtral_tiny", "peft=lora", "peft.allow_random_base=true"], 1, "peft.name"),
 ])
 def test_bad_moe_settings_are_one_clear_line(overrides, world, key):

@@ -164,6 +164,11 @@ LAYOUTS = {
         ("parallel.tp=2", "parallel.zero1=true", "train.precision=bf16", *DCP),
         ("parallel.tp=2", "parallel.zero1=true", "train.precision=bf16", *DCP,
          "train.max_steps=6", "checkpoint.resume=auto")],
+    # The ep and expert-dp groups are device groups made with their axis' mesh: on XLA
+    # the dispatch passes that mesh to torch-xla's all-to-all (test_moe_xla.py).
+    "moe_ep2_dp4_capacity_dcp": [
+        ("model=mixtral_tiny", "model.n_layers=2", "model.capacity_factor=1.25",
+         "parallel.ep=2", *DCP)],
     "pp2_dp2_tied_hf_export": [
         ("parallel.pp=2", "parallel.pp_transport=allgather", "model.tie_embeddings=true",
          "checkpoint=hf", "checkpoint.every=0")],

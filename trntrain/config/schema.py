@@ -64,6 +64,10 @@ class ModelConfig:
     # Weight of the load-balancing loss (Switch Transformer) and of the router z-loss.
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
+    # "layer": the load-balancing loss of each layer, averaged (Switch, Megatron,
+    # torchtitan); "global": the routing of all layers pooled before the product, as
+    # transformers computes it (pp=1 only).
+    router_aux_loss_pooling: str = "layer"
     # None: dropless (every token reaches its experts; cpu/cuda); a number c: each expert
     # takes at most ceil(c x tokens x top_k / num_experts) assignments per micro-batch,
     # the rest pass through the residual (static shapes: required on xla/neuron).

@@ -196,6 +196,9 @@ def _validate_experts(m: DictConfig) -> None:
             m.capacity_factor, "null (dropless) or a positive number, e.g. 1.25")
     for key in ("router_aux_loss_coef", "router_z_loss_coef"):
         require(m[key] >= 0, f"model.{key}", m[key], "a float >= 0")
+    require(m.router_aux_loss_pooling in ("layer", "global"), "model.router_aux_loss_pooling",
+            m.router_aux_loss_pooling, "'layer' (each layer's loss, averaged) or 'global' "
+            "(all layers' routing pooled, as transformers computes it)")
 
 
 def _validate_expert_parallel(cfg: DictConfig, world_size: int) -> None:
@@ -211,6 +214,11 @@ def _validate_expert_parallel(cfg: DictConfig, world_size: int) -> None:
                 "dropless routing gives every expert as many tokens as the router sends it, "
                 "a shape that changes every step (a graph compile each time on XLA);")
     if moe:
+        require(m.router_aux_loss_pooling == "layer" or p.pp == 1,
+                "model.router_aux_loss_pooling", m.router_aux_loss_pooling,
+                f"'layer' with parallel.pp={p.pp}",
+                "the pooled loss of a layer depends on the routing of every layer, which "
+                "the other pipeline stages hold;")
         require(not p.sequence_parallel, "parallel.sequence_parallel", True,
                 f"false with model.family={m.family}",
                 "the router and the experts run on the whole sequence of every tp rank "
@@ -220,11 +228,6 @@ def _validate_expert_parallel(cfg: DictConfig, world_size: int) -> None:
         return
     require(moe, "parallel.ep", p.ep, f"1 for model.family={m.family}",
             "expert parallelism shards the experts of an MoE family (mixtral, qwen3_moe);")
-    require(not (backend in BACKENDS and BACKENDS[backend].lazy), "parallel.ep", p.ep,
-            f"1 on backend {backend}",
-            "torch-xla's process group runs all_to_all_single over the whole world, whatever "
-            "the group and without split sizes (ProcessGroupXla.alltoall_base), so the "
-            "expert-parallel dispatch would exchange tokens with the wrong ranks;")
     dp = data_parallel_size(cfg, world_size)
     require(dp % p.ep == 0, "parallel.ep", p.ep, f"a divisor of the data-parallel size {dp}",
             "expert-parallel groups are carved out of the data-parallel ranks;")

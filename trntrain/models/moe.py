@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trntrain.models.layers import FeedForward
-from trntrain.parallel.comm import COMM_STATS, Group, group_rank, group_size
+from trntrain.parallel.comm import COMM_STATS, Group, group_rank, group_size, xla_replica_groups
 
 
 class _AuxLossGradient(torch.autograd.Function):
@@ -64,6 +64,46 @@ class _AuxLossGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, torch.full((), ctx.scale, dtype=ctx.aux_dtype, device=grad.device), None
+
+
+class RoutingPool:
+    """The assignments per expert of every layer in the last forward, for the pooled
+    load-balancing loss E · Σ_e f_e P_e with f and P taken over the tokens of all layers
+    (transformers' `load_balancing_loss_func`). Each layer stores its own entry (so a
+    recomputation under activation checkpointing rewrites the same values); the backward,
+    which runs after the whole forward, reads the pooled fraction."""
+
+    def __init__(self) -> None:
+        self.loads: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, int] = {}
+
+    def record(self, layer: int, load: torch.Tensor, tokens: int) -> None:
+        self.loads[layer], self.tokens[layer] = load.detach(), tokens
+
+    def fraction(self) -> torch.Tensor:
+        """f_e: the share of all layers' assignments routed to expert e, per token."""
+        return torch.stack(list(self.loads.values())).sum(0) / sum(self.tokens.values())
+
+
+class _PooledLoadBalancingGradient(torch.autograd.Function):
+    """Identity on `out`; in backward, a layer's mean router probabilities P_l receive the
+    gradient of scale · E · Σ_e f_e P_e / L, with f pooled over the layers when the
+    backward runs (f carries no gradient, as in every definition of this loss)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, mean_probs: torch.Tensor, pool: RoutingPool,
+                layer: int, scale: float) -> torch.Tensor:
+        ctx.pool, ctx.layer, ctx.scale = pool, layer, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        pool = ctx.pool
+        fraction = pool.fraction()
+        # P_e = Σ_l T_l P_l,e / Σ_l T_l: the layer's share of the pooled mean probability.
+        weight = pool.tokens[ctx.layer] / sum(pool.tokens.values())
+        grad_probs = ctx.scale * fraction.numel() * fraction * weight
+        return grad, grad_probs.to(grad.device), None, None, None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -85,6 +125,19 @@ def all_to_all(x: torch.Tensor, output_splits: list[int] | None,
                input_splits: list[int] | None, group: Group) -> torch.Tensor:
     """Rank r's rows input_splits[r] go to rank r; the rows received, by source rank."""
     x = x.contiguous()
+    replica_groups = xla_replica_groups(group)
+    if replica_groups is not None:
+        # ProcessGroupXla.alltoall_base exchanges over the whole world whatever the group
+        # (torch-xla 2.9): torch-xla's all-to-all over the group's replica groups instead.
+        # XLA's AllToAll has even splits only, which the capacity rule gives.
+        if output_splits is not None or input_splits is not None:
+            raise ValueError("an all-to-all on an XLA group needs even splits")
+        import torch_xla.core.xla_model as xm
+
+        out = xm.all_to_all(x, 0, 0, group_size(group), groups=replica_groups,
+                            pin_layout=False)
+        COMM_STATS.record("all_to_all", out)
+        return out
     rows = sum(output_splits) if output_splits is not None else x.shape[0]
     out = x.new_empty((rows, *x.shape[1:]))
     COMM_STATS.record("all_to_all", out)
@@ -156,6 +209,10 @@ class MoE(nn.Module):
         self.aux_scale = 1.0
         self.stats = MoEStats(num_experts)
         self.record_stats = True
+        # With model.router_aux_loss_pooling=global (`pool_routing`): the pool the blocks
+        # share, and this block's layer index in it.
+        self.pool: RoutingPool | None = None
+        self.layer = 0
 
     # -- expert parallelism --------------------------------------------------------------------
 
@@ -192,23 +249,25 @@ class MoE(nn.Module):
         return logits, weights.to(x.dtype), chosen
 
     def aux_losses(self, logits: torch.Tensor, chosen: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(load-balancing loss, z-loss, assignments per expert) of one forward."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(load-balancing loss, z-loss, assignments per expert, mean router probability
+        per expert) of one forward."""
         probs = F.softmax(logits.float(), dim=-1)
         tokens = logits.shape[0]
         load = torch.zeros(self.num_experts, dtype=torch.float32, device=logits.device)
         load = load.index_add(0, chosen.reshape(-1),
                               torch.ones(chosen.numel(), dtype=torch.float32,
                                          device=logits.device))
-        lb = self.num_experts * (load / tokens * probs.mean(dim=0)).sum()
+        mean_probs = probs.mean(dim=0)
+        lb = self.num_experts * (load / tokens * mean_probs).sum()
         z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-        return lb, z, load
+        return lb, z, load, mean_probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits, weights, chosen = self.route(flat)
-        lb, z, load = self.aux_losses(logits, chosen)
+        lb, z, load, mean_probs = self.aux_losses(logits, chosen)
         if self.capacity_factor is None:
             out = self.dropless(flat, weights, chosen, load)
             dropped = torch.zeros((), device=x.device)
@@ -216,7 +275,14 @@ class MoE(nn.Module):
             out, dropped = self.with_capacity(flat, weights, chosen)
         if self.training and self.record_stats and torch.is_grad_enabled():
             self.stats.add(load.detach(), dropped.detach(), lb.detach(), z.detach())
-        aux = (self.aux_loss_coef * lb + self.z_loss_coef * z) / self.n_layers
+        if self.pool is None:
+            aux = (self.aux_loss_coef * lb + self.z_loss_coef * z) / self.n_layers
+        else:
+            self.pool.record(self.layer, load, flat.shape[0])
+            aux = self.z_loss_coef * z / self.n_layers
+            if torch.is_grad_enabled() and mean_probs.requires_grad and self.aux_loss_coef:
+                out = _PooledLoadBalancingGradient.apply(
+                    out, mean_probs, self.pool, self.layer, self.aux_scale * self.aux_loss_coef)
         if torch.is_grad_enabled() and aux.requires_grad:
             out = _AuxLossGradient.apply(out, aux, self.aux_scale)
         return out.reshape(shape)
@@ -338,6 +404,18 @@ def moe_feed_forward(args: object) -> MoE:
     return MoE(args.dim, args.moe_ffn_hidden_dim or args.ffn_hidden_dim, args.num_experts,
                args.top_k, args.norm_topk_prob, args.capacity_factor,
                args.router_aux_loss_coef, args.router_z_loss_coef, args.n_layers)
+
+
+def pool_routing(model: nn.Module, pooling: str) -> None:
+    """model.router_aux_loss_pooling: "layer" leaves each block's load-balancing loss to
+    itself; "global" has the blocks of `model` share one RoutingPool."""
+    if pooling == "layer":
+        return
+    if pooling != "global":
+        raise ValueError(f"router_aux_loss_pooling={pooling!r}: 'layer' or 'global'")
+    pool = RoutingPool()
+    for layer, block in moe_blocks_by_layer(model).items():
+        block.pool, block.layer = pool, layer
 
 
 def moe_blocks_by_layer(model: nn.Module) -> dict[int, MoE]:

@@ -19,6 +19,7 @@ Every call is counted in `COMM_STATS` when enabled, for the volume benchmark.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -62,6 +63,15 @@ def group_size(group: Group) -> int:
 
 def group_rank(group: Group) -> int:
     return dist.get_rank(group) if group is not None else 0
+
+
+def xla_replica_groups(group: Group) -> list[list[int]] | None:
+    """The replica groups of a torch-xla process group (the mesh of its axis, given at
+    its creation), or None for a group of another backend."""
+    xla_backend = sys.modules.get("torch_xla.distributed.xla_backend")
+    if xla_backend is None or not isinstance(group, xla_backend.ProcessGroupXla):
+        return None
+    return group._mesh
 
 
 # -- plain collectives (no autograd) ----------------------------------------------------------

@@ -12,9 +12,6 @@ from trntrain.errors import UserError
 from trntrain.models.family import HfAdapter
 from trntrain.models.llama.hf import LAYER_MODULES, TOP_LEVEL, llama_hf_config, llama_model_config
 
-MOE_KEYS = ("num_experts", "top_k", "moe_ffn_hidden_dim", "norm_topk_prob",
-            "router_aux_loss_coef", "router_z_loss_coef", "capacity_factor")
-
 
 def moe_hf_name(name: str, layer_modules: dict[str, str], moe: str,
                 expert_names: dict[str, str]) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from trntrain.models.llama.model import Llama, LlamaArgs, TransformerBlock
-from trntrain.models.moe import moe_feed_forward
+from trntrain.models.moe import moe_feed_forward, pool_routing
 
 
 @dataclass
@@ -22,6 +22,7 @@ class MixtralArgs(LlamaArgs):
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
+    router_aux_loss_pooling: str = "layer"
     capacity_factor: float | None = None
 
 
@@ -39,3 +40,4 @@ class Mixtral(Llama):
     def __init__(self, args: MixtralArgs) -> None:
         super().__init__(args)
         self.layers = nn.ModuleDict({str(i): MixtralBlock(args) for i in range(args.n_layers)})
+        pool_routing(self, args.router_aux_loss_pooling)

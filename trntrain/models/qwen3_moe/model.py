@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from trntrain.models.moe import moe_feed_forward
+from trntrain.models.moe import moe_feed_forward, pool_routing
 from trntrain.models.qwen3.model import Qwen3, Qwen3Args, Qwen3Block
 
 
@@ -22,6 +22,7 @@ class Qwen3MoeArgs(Qwen3Args):
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
+    router_aux_loss_pooling: str = "layer"
     capacity_factor: float | None = None
 
 
@@ -35,3 +36,4 @@ class Qwen3Moe(Qwen3):
     def __init__(self, args: Qwen3MoeArgs) -> None:
         super().__init__(args)
         self.layers = nn.ModuleDict({str(i): Qwen3MoeBlock(args) for i in range(args.n_layers)})
+        pool_routing(self, args.router_aux_loss_pooling)
