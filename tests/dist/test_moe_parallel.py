@@ -10,7 +10,7 @@ from tests.conftest import run_distributed, tiny_config
 from trntrain.distributed import World
 from trntrain.trainer import Trainer
 
-STEPS = 5
+STEPS = 10
 # mixtral_tiny with 2 layers: 8 experts, top-2; 4 micro-batches of 2 sequences per step.
 BASE = ("model=mixtral_tiny", "model.n_layers=2", f"train.max_steps={STEPS}",
         "train.micro_batch_size=2",
