@@ -479,6 +479,11 @@ def test_plan_reports_active_parameters_and_the_all_to_all():
                              layout_from_config(compose([*overrides, f"parallel.ep={ep}"]), 128))
              for ep in (1, 4)}
     assert "ep_all_to_all" not in plans[1].time and plans[4].time["ep_all_to_all"] > 0
+    # A capacity factor c moves c x top_k rows per token instead of top_k.
+    capacity = [*overrides, "parallel.ep=4", "model.capacity_factor=1.25"]
+    with_capacity = plan_layout(compose(capacity), layout_from_config(compose(capacity), 128))
+    assert with_capacity.time["ep_all_to_all"] == pytest.approx(
+        1.25 * plans[4].time["ep_all_to_all"], rel=1e-12)
     assert plans[4].memory["params"] < plans[1].memory["params"] / 2
     # MFU counts the active parameters: the same tokens/s at either ep gives the same MFU.
     m = compose(overrides).model

@@ -136,7 +136,10 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
     if layout.ep > 1 and getattr(m, "num_experts", None):
         ranks = [dims.rank_of(0, i, 0) for i in range(layout.ep)]
         exchanges = (4 + 2 * (mode == "full")) * sum(sizes[i] for i in held[busiest])
-        ep_comm = (exchanges * (layout.ep - 1) / layout.ep * m.top_k * tokens * m.dim * e
+        # With a capacity factor c each exchange moves the (E, C, dim) buffer: c x top_k
+        # rows per token; dropless moves top_k.
+        rows = m.top_k * (getattr(m, "capacity_factor", None) or 1.0)
+        ep_comm = (exchanges * (layout.ep - 1) / layout.ep * rows * tokens * m.dim * e
                    / group_bandwidth(cfg, ranks))
     per_microbatch = compute + tp_comm + p2p + ep_comm
     if layout.pp > 1:
