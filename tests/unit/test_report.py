@@ -122,6 +122,24 @@ def test_sweep_directory_expands_into_jobs_labelled_by_differing_key(tmp_path):
 
 
 @needs_matplotlib
+def test_a_key_older_runs_lack_labels_only_where_the_others_disagree(tmp_path):
+    """A run made after a config key was added has it; older runs do not."""
+    old, new = make_run(tmp_path / "old", 0.001), make_run(tmp_path / "new", 0.003)
+    config = OmegaConf.load(new / "config.yaml")
+    config.model.pooling = "layer"
+    OmegaConf.save(config, new / "config.yaml")
+    assert list(summary_rows(write_report([old, new]).directory)) == [
+        "optim.lr=0.001", "optim.lr=0.003"]
+    newer = make_run(tmp_path / "newer", 0.003)
+    config.model.pooling = "global"
+    OmegaConf.save(config, newer / "config.yaml")
+    rows = summary_rows(write_report([old, new, newer], out_dir=tmp_path / "three").directory)
+    assert list(rows) == ["optim.lr=0.001, model.pooling=<unset>",
+                          "optim.lr=0.003, model.pooling=layer",
+                          "optim.lr=0.003, model.pooling=global"]
+
+
+@needs_matplotlib
 def test_runs_with_equal_configs_are_labelled_by_directory(tmp_path):
     a, b = make_run(tmp_path / "a", 0.001), make_run(tmp_path / "b", 0.001)
     out = write_report([a, b], out_dir=tmp_path / "cmp").directory

@@ -121,8 +121,10 @@ def label_runs(runs: list[Run]) -> None:
     differing: list[str] = []
     if len(runs) > 1 and all(r.config for r in runs):
         keys = dict.fromkeys(k for r in runs for k in r.config)
+        # A key only some runs have (one added to trntrain since the others ran) differs
+        # only where the runs that have it disagree.
         differing = [k for k in keys if not ignored(k)
-                     and len({repr(r.config.get(k, "<unset>")) for r in runs}) > 1]
+                     and len({repr(r.config[k]) for r in runs if k in r.config}) > 1]
     names = [r.path.name for r in runs]
     if len(set(names)) < len(names):
         parent = Path(os.path.commonpath([r.path for r in runs]))
