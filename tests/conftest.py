@@ -105,3 +105,14 @@ def train_in_run_dir(rank: int, world_size: int, run_dir: str, overrides: tuple[
     params = {name: p.detach().flatten()[:64].tolist() for chunk in trainer.chunks.values()
               for name, p in chunk.named_parameters()}
     return {"loss": {r["step"]: r["loss"] for r in records}, "params": params}
+
+
+def cli_in_process(args: list[str], capfd: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """`trntrain ARGS` run in this process, for commands that must stop before training
+    (no interpreter start per case): (exit status, stdout, stderr)."""
+    from trntrain.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out, err = capfd.readouterr()
+    return info.value.code, out, err

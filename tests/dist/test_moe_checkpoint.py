@@ -1,5 +1,5 @@
-"""MoE checkpoints under expert parallelism: DCP resume bitwise with ep2 and ZeRO-1 and
-resharded to one process, and a Hugging Face export whose experts come from both ep
+"""MoE checkpoints under expert parallelism: DCP resume bitwise with ep2 and ZeRO-1,
+resharded to one process and to ep4, and a Hugging Face export whose experts come from both ep
 ranks, loaded by transformers."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def run(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...]) ->
     return train_in_run_dir(rank, world_size, run_dir, (*RESUME, *overrides))
 
 
-def test_resume_under_ep_is_bitwise_and_reshards_to_one_process(distributed, tmp_path):
+def test_resume_under_ep_is_bitwise_and_reshards_to_one_process_and_ep4(distributed, tmp_path):
     straight = distributed(run, 2, str(tmp_path / "a"), EP2_ZERO)
     halfway = tmp_path / "a" / "checkpoints" / step_dir_name(2)
     resumed = distributed(run, 2, str(tmp_path / "b"), (*EP2_ZERO, f"checkpoint.resume={halfway}"))
@@ -38,10 +38,14 @@ def test_resume_under_ep_is_bitwise_and_reshards_to_one_process(distributed, tmp
     experts = [{n.split(".experts.")[1].split(".")[0] for n in r["params"] if ".experts." in n}
                for r in straight]
     assert experts == [{"0", "1", "2", "3"}, {"4", "5", "6", "7"}]
-    # The ep2 checkpoint (experts and ZeRO slices from two ranks) continues in one process.
+    # The ep2 checkpoint (experts and ZeRO slices from two ranks) continues in one process,
+    # and over four ranks with two experts each (ep4, ZeRO-1 slices of another size).
     single = distributed(run, 1, str(tmp_path / "c"), (f"checkpoint.resume={halfway}",))[0]
-    assert [single["loss"][s] for s in (3, 4)] == pytest.approx(
-        [straight[0]["loss"][s] for s in (3, 4)], rel=1e-5)
+    ep4 = distributed(run, 4, str(tmp_path / "d"),
+                      ("parallel.ep=4", "parallel.zero1=true", f"checkpoint.resume={halfway}"))
+    for result in (single, *ep4):
+        assert [result["loss"][s] for s in (3, 4)] == pytest.approx(
+            [straight[0]["loss"][s] for s in (3, 4)], rel=1e-5)
 
 
 def export(rank: int, world_size: int, run_dir: str) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import cli_in_process
+
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
@@ -127,12 +129,13 @@ def test_multirun_sweep_writes_one_dir_per_job(tmp_path):
     (["optim.lr=fast"], "optim.lr='fast' is invalid"),
     (["model.layers=2"], "model.layers is not a key of model"),
 ])
-def test_bad_config_exits_with_one_message(tmp_path, args, message):
-    proc = run([TRNTRAIN, "train", *args], tmp_path)
-    assert proc.returncode == 2
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_bad_config_exits_with_one_message(tmp_path, monkeypatch, capfd, args, message):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = cli_in_process(["train", *args], capfd)
+    assert status == 2
+    assert message in err
+    assert "Traceback" not in err + out
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
 
 

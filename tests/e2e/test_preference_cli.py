@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import cli_in_process
+
 pytestmark = pytest.mark.e2e
 
 TRNTRAIN = str(Path(sys.executable).parent / "trntrain")
@@ -54,8 +56,9 @@ def test_reference_free_objectives_learn_the_demo_and_are_reported(tmp_path, obj
     (["data=preference", "objective=dpo", "train.seq_len=64"],
      "preference_demo.jsonl:1: the pair renders to 42 (prompt + chosen)"),
 ])
-def test_bad_preference_settings_are_one_line(tmp_path, args, message):
-    result = run([TRNTRAIN, "train", *args, f"run.dir={tmp_path / 'run'}"], tmp_path)
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and message in errors[0], result.stderr
+def test_bad_preference_settings_are_one_line(tmp_path, monkeypatch, capfd, args, message):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = cli_in_process(["train", *args, f"run.dir={tmp_path / 'run'}"], capfd)
+    assert status == 2
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1 and message in errors[0], err

@@ -57,7 +57,7 @@ def invalid_overrides(draw, keys: dict = KEYS) -> list[str]:
     return draw(st.permutations(overrides))
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=invalid_overrides())
 def test_invalid_train_overrides_exit_cleanly(overrides, capfd, tmp_path, monkeypatch):
@@ -72,7 +72,7 @@ def test_invalid_train_overrides_exit_cleanly(overrides, capfd, tmp_path, monkey
     assert not (tmp_path / "runs").exists()
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=st.one_of(
     invalid_overrides(PLAN_KEYS).map(lambda o: ["plan", *o]),
