@@ -189,6 +189,17 @@ def our_gradients_in_hf_layout(model: torch.nn.Module) -> dict[str, torch.Tensor
     return grads
 
 
+def assert_gradients_equal_transformers(model: torch.nn.Module,
+                                        reference: torch.nn.Module) -> None:
+    """Every gradient of `model` equals that of the same weight in `reference`."""
+    hf_params = dict(reference.named_parameters())
+    grads = our_gradients_in_hf_layout(model)
+    assert set(grads) == set(hf_params)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, hf_params[name].grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
 def tokens(vocab: int, rows: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.randint(0, vocab, (rows, SEQ + 1), generator=torch.Generator().manual_seed(7))
     return t[:, :-1], t[:, 1:]
@@ -217,12 +228,7 @@ def test_logits_gradients_and_aux_loss_match_transformers(case):
     expected = (F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
                 + a.router_aux_loss_coef * torch.stack(per_layer).mean())
     expected.backward()
-    hf_params = dict(reference.named_parameters())
-    grads = our_gradients_in_hf_layout(model)
-    assert set(grads) == set(hf_params)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, hf_params[name].grad, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_gradients_equal_transformers(model, reference)
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
@@ -239,10 +245,7 @@ def test_one_layer_loss_equals_transformers_loss_with_its_aux_loss(case):
                                atol=1e-6, rtol=1e-5)
     F.cross_entropy(logits[:, :-1].flatten(0, 1), inputs[:, 1:].flatten()).backward()
     out.loss.backward()
-    hf_params = dict(reference.named_parameters())
-    for name, grad in our_gradients_in_hf_layout(model).items():
-        torch.testing.assert_close(grad, hf_params[name].grad, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_gradients_equal_transformers(model, reference)
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
@@ -256,16 +259,15 @@ def test_global_pooling_gives_transformers_loss_gradients_on_several_layers(case
     inputs, _ = tokens(args.vocab_size)
     out = reference(input_ids=inputs, labels=inputs)
     logits = model(inputs)
+    with torch.no_grad():  # a forward no backward follows (evaluation) leaves the pool alone
+        model(tokens(args.vocab_size, rows=3)[0])
     layers_mean = torch.stack([
         load_balancing_loss_func((r,), args.num_experts, args.top_k) for r in out.router_logits
     ]).mean()
     assert abs(layers_mean - out.aux_loss) > 1e-4  # the two definitions differ here
     F.cross_entropy(logits[:, :-1].flatten(0, 1), inputs[:, 1:].flatten()).backward()
     out.loss.backward()
-    hf_params = dict(reference.named_parameters())
-    for name, grad in our_gradients_in_hf_layout(model).items():
-        torch.testing.assert_close(grad, hf_params[name].grad, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_gradients_equal_transformers(model, reference)
 
 
 def test_global_pooling_under_activation_checkpointing_and_micro_batches(one_thread):
@@ -286,10 +288,7 @@ def test_global_pooling_under_activation_checkpointing_and_micro_batches(one_thr
         out = reference(input_ids=batch.inputs)
         ce = F.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten(), reduction="sum")
         (ce / tokens + reference.config.router_aux_loss_coef * out.aux_loss / 2).backward()
-    hf_params = dict(reference.named_parameters())
-    for name, grad in our_gradients_in_hf_layout(trainer.model).items():
-        torch.testing.assert_close(grad, hf_params[name].grad, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_gradients_equal_transformers(trainer.model, reference)
 
 
 def test_z_loss_is_the_mean_squared_logsumexp_of_the_router_logits():

@@ -14,17 +14,21 @@ STEPS = 6
 WARM = 3
 
 
-def run(model: str, backend: str) -> list[dict]:
-    cfg = tiny_config(f"model={model}", "model.n_layers=2", "model.capacity_factor=1.0",
+def run(backend: str, *overrides: str) -> list[dict]:
+    cfg = tiny_config("model=mixtral_tiny", "model.n_layers=2", "model.capacity_factor=1.0",
                       f"train.max_steps={STEPS}", "train.micro_batch_size=4",
-                      f"backend={backend}")
+                      f"backend={backend}", *overrides)
     return Trainer(cfg, World()).fit()
 
 
-@pytest.mark.parametrize("model", ["mixtral_tiny"])
-def test_capacity_moe_on_xla_equals_eager_cpu_and_compiles_once(model):
-    eager = run(model, "cpu")
-    lazy = run(model, "xla")
+@pytest.mark.parametrize("overrides", [
+    (),
+    # The pooled load-balancing loss: the pool's fraction is read in the backward graph.
+    ("model.router_aux_loss_pooling=global", "model.router_aux_loss_coef=0.1"),
+], ids=["per_layer_aux_loss", "pooled_aux_loss"])
+def test_capacity_moe_on_xla_equals_eager_cpu_and_compiles_once(overrides):
+    eager = run("cpu", *overrides)
+    lazy = run("xla", *overrides)
     for key in ("loss", "moe_aux_loss", "moe_dropped_fraction", "moe_load_imbalance"):
         assert [r[key] for r in lazy] == pytest.approx([r[key] for r in eager], rel=1e-5), key
     assert all(r["moe_dropped_fraction"] > 0 for r in lazy)

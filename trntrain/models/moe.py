@@ -278,9 +278,11 @@ class MoE(nn.Module):
         if self.pool is None:
             aux = (self.aux_loss_coef * lb + self.z_loss_coef * z) / self.n_layers
         else:
-            self.pool.record(self.layer, load, flat.shape[0])
             aux = self.z_loss_coef * z / self.n_layers
+            # Only forwards a backward follows: an evaluation, or a frozen reference's
+            # forward under no_grad, leaves the pool to the training forward.
             if torch.is_grad_enabled() and mean_probs.requires_grad and self.aux_loss_coef:
+                self.pool.record(self.layer, load, flat.shape[0])
                 out = _PooledLoadBalancingGradient.apply(
                     out, mean_probs, self.pool, self.layer, self.aux_scale * self.aux_loss_coef)
         if torch.is_grad_enabled() and aux.requires_grad:
