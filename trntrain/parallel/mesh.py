@@ -1,7 +1,11 @@
-"""The process-group mesh: tp innermost, then dp, then pp outermost (the NxD order).
+"""The process-group mesh: tp innermost, then cp, then dp, then pp outermost (the NxD
+order).
 
-rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank, so a tp group is a run of
-contiguous ranks (one node's NeuronLink), and pp spans nodes.
+rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank, so a tp group is a
+run of contiguous ranks (one node's NeuronLink), a cp group the tp-strided ranks next
+to it (the same node while tp * cp fits one), and pp spans nodes. Replicated weights
+see different tokens on every (dp, cp) rank: their gradients are reduced over the
+dp x cp group.
 
 Expert parallelism is carved out of dp: dp_rank = edp_rank * ep + ep_rank, so an ep
 group (the ranks that exchange tokens and hold different experts) is ep consecutive
@@ -12,11 +16,14 @@ ep-th dp rank.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
+
+AXES = ("pp", "dp", "cp", "tp")  # outermost first
 
 
 @dataclass(frozen=True)
@@ -25,30 +32,37 @@ class ParallelDims:
     pp: int
     dp: int
     ep: int = 1  # divides dp
+    cp: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
     def coordinates(self, rank: int) -> tuple[int, int, int]:
         """(pp_rank, dp_rank, tp_rank) of a global rank."""
-        return rank // (self.dp * self.tp), (rank // self.tp) % self.dp, rank % self.tp
+        return (rank // (self.dp * self.cp * self.tp), (rank // (self.cp * self.tp)) % self.dp,
+                rank % self.tp)
 
-    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
-        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+    def cp_rank(self, rank: int) -> int:
+        return (rank // self.tp) % self.cp
 
-    def group_ranks(self, axis: str) -> list[list[int]]:
-        """Every group along `axis` ('tp', 'dp' or 'pp'), each a list of global ranks."""
-        sizes = {"pp": self.pp, "dp": self.dp, "tp": self.tp}
-        others = [a for a in ("pp", "dp", "tp") if a != axis]
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int, cp_rank: int = 0) -> int:
+        return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
+
+    def group_ranks(self, *axes: str) -> list[list[int]]:
+        """Every group along `axes` (one of 'tp', 'cp', 'dp', 'pp', or several, such as
+        'dp', 'cp' for the gradient reduction), each a list of global ranks in order."""
+        sizes = {"pp": self.pp, "dp": self.dp, "cp": self.cp, "tp": self.tp}
+        varying = [a for a in AXES if a in axes]
+        fixed = [a for a in AXES if a not in axes]
         groups = []
-        for i in range(sizes[others[0]]):
-            for j in range(sizes[others[1]]):
-                coords = {others[0]: i, others[1]: j}
-                groups.append([
-                    self.rank_of(**{f"{a}_rank": coords.get(a, k) for a in ("pp", "dp", "tp")})
-                    for k in range(sizes[axis])
-                ])
+        for outer in itertools.product(*(range(sizes[a]) for a in fixed)):
+            group = []
+            for inner in itertools.product(*(range(sizes[a]) for a in varying)):
+                coords = dict(zip(fixed, outer, strict=True)) | dict(
+                    zip(varying, inner, strict=True))
+                group.append(self.rank_of(**{f"{a}_rank": coords[a] for a in AXES}))
+            groups.append(group)
         return groups
 
     def expert_group_ranks(self, axis: str) -> list[list[int]]:
@@ -75,10 +89,16 @@ class Mesh:
     tp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
     pp_group: dist.ProcessGroup | None
+    # Context parallelism: the ranks holding the other parts of this rank's sequences.
+    cp_group: dist.ProcessGroup | None = None
+    # The dp x cp ranks at this (pp, tp) coordinate, which hold the same weights and see
+    # different tokens: gradients, token counts and losses are summed over it (the dp
+    # group itself when cp is 1).
+    dp_cp_group: dist.ProcessGroup | None = None
     # Pipeline: (lower pp rank, upper pp rank) of neighbouring stages -> their 2-rank
-    # group at this (dp, tp) coordinate; the wrap-around pair is (pp - 1, 0).
+    # group at this (dp, cp, tp) coordinate; the wrap-around pair is (pp - 1, 0).
     pp_pairs: dict[tuple[int, int], dist.ProcessGroup] = field(default_factory=dict)
-    # First and last pipeline stage at this (dp, tp) coordinate: tied embeddings.
+    # First and last pipeline stage at this (dp, cp, tp) coordinate: tied embeddings.
     embedding_group: dist.ProcessGroup | None = None
     # Expert parallelism: the ranks exchanging tokens (different experts), and those
     # holding this rank's experts (their gradients' reduction); None at size 1.
@@ -97,37 +117,52 @@ class Mesh:
     def tp_rank(self) -> int:
         return self.dims.coordinates(self.rank)[2]
 
+    @property
+    def cp_rank(self) -> int:
+        return self.dims.cp_rank(self.rank)
+
+    @property
+    def dp_cp(self) -> int:
+        """The size of the dp x cp group."""
+        return self.dims.dp * self.dims.cp
+
 
 def pair_mesh(dims: ParallelDims, lower: int, upper: int) -> list[list[int]]:
     """The groups that run collectives alongside the pipeline pair (lower, upper) of
-    stages: that pair at every (dp, tp) coordinate and, when pp is even, every pair
+    stages: that pair at every (dp, cp, tp) coordinate and, when pp is even, every pair
     starting on a stage of the same parity, so that each rank appears at most once
     (the send/receive groups of neuronx-distributed)."""
     starts = [lower]
     if dims.pp % 2 == 0:
         starts = range(lower % 2, dims.pp, 2)
-    return [sorted([dims.rank_of(s, d, t), dims.rank_of((s + 1) % dims.pp, d, t)])
-            for s in starts for d in range(dims.dp) for t in range(dims.tp)]
+    return [sorted([stages[s], stages[(s + 1) % dims.pp]])
+            for s in starts for stages in dims.group_ranks("pp")]
 
 
 def build_mesh(dims: ParallelDims, rank: int,
                group_options: Callable[[list[list[int]]], Any] = lambda groups: None) -> Mesh:
-    """Create the tp, dp and pp groups. Every rank must call this (new_group is collective).
+    """Create the tp, cp, dp, dp x cp and pp groups. Every rank must call this (new_group
+    is collective).
 
     `group_options(axis_groups)` gives the `pg_options` of a group whose axis has the
     groups `axis_groups` (`Backend.group_options`: the mesh on xla)."""
     groups: dict[str, dist.ProcessGroup | None] = {}
-    for axis in ("tp", "dp", "pp"):
+    axes: dict[str, tuple[str, ...]] = {"tp": ("tp",), "cp": ("cp",), "dp": ("dp",),
+                                        "pp": ("pp",)}
+    if dims.cp > 1 and dims.dp > 1:
+        axes["dp_cp"] = ("dp", "cp")
+    for name, axis in axes.items():
         mine = None
-        axis_groups = dims.group_ranks(axis)
+        axis_groups = dims.group_ranks(*axis)
         for ranks in axis_groups:
             if len(ranks) == 1:
                 continue
             group = dist.new_group(ranks, pg_options=group_options(axis_groups))
             if rank in ranks:
                 mine = group
-        groups[axis] = mine
-    mesh = Mesh(dims, rank, groups["tp"], groups["dp"], groups["pp"])
+        groups[name] = mine
+    mesh = Mesh(dims, rank, groups["tp"], groups["dp"], groups["pp"], groups["cp"],
+                groups.get("dp_cp", groups["dp"] if dims.cp == 1 else groups["cp"]))
     if dims.ep > 1:
         for axis in ("ep", "edp"):
             axis_groups = dims.expert_group_ranks(axis)
@@ -141,18 +176,17 @@ def build_mesh(dims: ParallelDims, rank: int,
         pairs = [(s, s + 1) for s in range(dims.pp - 1)]
         if dims.pp > 2:
             pairs.append((dims.pp - 1, 0))
-        for d in range(dims.dp):
-            for t in range(dims.tp):
-                for a, b in pairs:
-                    ranks = [dims.rank_of(a, d, t), dims.rank_of(b, d, t)]
-                    if dims.pp == 2:  # the pair is the pp group: no second group of it
-                        if rank in ranks:
-                            mesh.pp_pairs[(a, b)] = mesh.embedding_group = mesh.pp_group
-                        continue
-                    group = dist.new_group(sorted(ranks),
-                                           pg_options=group_options(pair_mesh(dims, a, b)))
+        for stages in dims.group_ranks("pp"):
+            for a, b in pairs:
+                ranks = [stages[a], stages[b]]
+                if dims.pp == 2:  # the pair is the pp group: no second group of it
                     if rank in ranks:
-                        mesh.pp_pairs[(a, b)] = group
-                        if {a, b} == {0, dims.pp - 1}:
-                            mesh.embedding_group = group
+                        mesh.pp_pairs[(a, b)] = mesh.embedding_group = mesh.pp_group
+                    continue
+                group = dist.new_group(sorted(ranks),
+                                       pg_options=group_options(pair_mesh(dims, a, b)))
+                if rank in ranks:
+                    mesh.pp_pairs[(a, b)] = group
+                    if {a, b} == {0, dims.pp - 1}:
+                        mesh.embedding_group = group
     return mesh

@@ -131,6 +131,8 @@ class Llama(nn.Module):
                                 args.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Set from outside (`apply_context_parallel`): the sequence is sharded over ranks.
+        self.context_parallel = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 documents: torch.Tensor | None = None, cache: KVCache | None = None
@@ -141,20 +143,25 @@ class Llama(nn.Module):
         Packed sequences: `positions` (batch, seq) is each token's position within its
         document (the rotary embeddings' positions) and `documents` (batch, seq) its
         document index; a token attends to the tokens before it in its own document
-        only. Both are of the whole sequence, also under sequence parallelism (where x
-        holds a slice of it). None: positions 0, 1, ... and causal attention over the
+        only. Both are of the whole sequence, also under sequence and context
+        parallelism (where x holds a part of it: under context parallelism this rank's
+        zig-zag chunks, `trntrain.parallel.context`). None: positions 0, 1, ... and causal attention over the
         whole row. `cache` (a KVCache, with `positions`): decoding, each layer's keys and
         values written at `positions` and the queries attending to all those before.
         """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        cos, sin = rope_at(self.rope_cos, self.rope_sin, positions)
         mask = None
-        if cache is not None:
+        if self.context_parallel is not None:
+            if cache is not None:
+                raise ValueError("decoding with a KV cache is not context-parallel")
+            positions, mask = self.context_parallel.prepare(positions, documents, h.device)
+        elif cache is not None:
             if positions is None or documents is not None:
                 raise ValueError("decoding with a KV cache takes positions and no documents")
             mask = cache.mask(positions)
         elif documents is not None:
             mask = document_mask(documents)  # once for every layer
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, positions)
         for name, layer in self.layers.items():
             if mask is None:
                 # The plain call: a block written for (x, cos, sin) needs nothing more.
