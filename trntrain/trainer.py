@@ -39,7 +39,7 @@ from trntrain.checkpoint.state import (
     OptimizerState,
     Progress,
 )
-from trntrain.config import data_parallel_size, micro_batch_size
+from trntrain.config import context_attention, data_parallel_size, micro_batch_size
 from trntrain.data import Batch, StepBatches, build_data_source
 from trntrain.distributed import World, broadcast_object, host_copy, host_group
 from trntrain.faults import (
@@ -77,6 +77,7 @@ from trntrain.optim import build_lr_scheduler, lr_factor, uses_stochastic_roundi
 from trntrain.parallel import GradientReducer, Mesh, ParallelDims, build_mesh
 from trntrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from trntrain.parallel.comm import all_reduce
+from trntrain.parallel.context import apply_context_parallel
 from trntrain.parallel.gradients import ReplicatedOptimizer, accumulate_in_fp32
 from trntrain.parallel.pipeline import (
     PipelineGroups,
@@ -110,6 +111,7 @@ def build_model_chunks(cfg: DictConfig, mesh: Mesh, device: torch.device
                                 last=index == p * v - 1)
         if mesh.ep_group is not None:
             family_of(m).parallelize_experts(model, mesh.ep_group)
+        apply_context_parallel(model, mesh.cp_group, context_attention(cfg), cfg.train.seq_len)
         lora = lora_enabled(cfg.get("peft"))
         if lora:
             apply_lora(model, m, cfg.peft)
@@ -137,7 +139,8 @@ class Trainer:
         self.run_dir = None if self.backend.precompiling else run_dir
         run_dir = self.run_dir
         dims = ParallelDims(cfg.parallel.tp, cfg.parallel.pp,
-                            data_parallel_size(cfg, world.world_size), cfg.parallel.ep)
+                            data_parallel_size(cfg, world.world_size), cfg.parallel.ep,
+                            cfg.parallel.cp)
         self.mesh: Mesh = build_mesh(dims, world.rank, self.backend.group_options)
         # DCP's DeviceMesh of tp shards: host tensors over gloo (checkpoint/state.py).
         self.host_tp_group = host_copy(self.mesh.tp_group, dims.group_ranks("tp"))
@@ -187,12 +190,12 @@ class Trainer:
         rounding_seed = t.seed if uses_stochastic_rounding(t, self.backend.name) else None
         if cfg.parallel.zero1 or (t.precision == "bf16" and t.master_weights):
             self.stepper: ShardedOptimizer | ReplicatedOptimizer = ShardedOptimizer(
-                self.params, cfg.optim, self.mesh.dp_group, bucket_mb,
+                self.params, cfg.optim, self.mesh.dp_cp_group, bucket_mb,
                 cfg.parallel.zero1_comm_dtype, t.fp32_grad_accumulation,
                 torch.bfloat16 if pure_bf16 else torch.float32, rounding_seed,
                 self.mesh.edp_group)
         else:
-            self.stepper = ReplicatedOptimizer(self.params, cfg.optim, self.mesh.dp_group,
+            self.stepper = ReplicatedOptimizer(self.params, cfg.optim, self.mesh.dp_cp_group,
                                                bucket_mb, rounding_seed, self.mesh.ep_group,
                                                self.mesh.edp_group)
         # What a checkpoint reads of the sharded layout (None: per-parameter state).
@@ -223,7 +226,8 @@ class Trainer:
             set_aux_loss_scale(chunk, 1.0 / accumulation)
         # Only the first stage embeds the inputs and only the last scores the labels.
         reads = {"inputs": self.mesh.pp_rank == 0, "labels": self.mesh.pp_rank == dims.pp - 1,
-                 "vocab_size": cfg.model.vocab_size if self.data.ids_unchecked else None}
+                 "vocab_size": cfg.model.vocab_size if self.data.ids_unchecked else None,
+                 "context": (self.mesh.cp_rank, dims.cp)}
         self.train_batches = StepBatches(self.data, "train", t.global_batch_size,
                                          self.micro_batch_size, self.mesh.dp_rank, dims.dp,
                                          **reads)
@@ -276,10 +280,11 @@ class Trainer:
     def build_pipeline(self) -> PipelineRunner:
         cfg, dims = self.cfg, self.mesh.dims
         transport = transport_for(cfg.parallel.pp_transport, self.backend.lazy)
-        seq = cfg.train.seq_len // (dims.tp if cfg.parallel.sequence_parallel else 1)
+        seq = cfg.train.seq_len // dims.cp // (dims.tp if cfg.parallel.sequence_parallel else 1)
         groups = PipelineGroups(
             dims.pp, self.mesh.pp_rank, self.mesh.pp_pairs,
-            [dims.rank_of(s, self.mesh.dp_rank, self.mesh.tp_rank) for s in range(dims.pp)])
+            [dims.rank_of(s, self.mesh.dp_rank, self.mesh.tp_rank, self.mesh.cp_rank)
+             for s in range(dims.pp)])
         shape = (self.micro_batch_size, seq, cfg.model.dim)
         return PipelineRunner(
             self.chunks, groups, cfg.parallel.schedule, cfg.parallel.virtual_pp,
@@ -458,15 +463,16 @@ class Trainer:
         return True
 
     def trained_tokens(self, micro_batches: list[Batch]) -> torch.Tensor | None:
-        """The labels the loss counts in the global batch, divided by dp: each rank's
-        summed loss over it is its share of the mean over all of them, whatever the
-        number of micro-batches and their masks (None on stages without labels)."""
+        """The labels the loss counts in the global batch, divided by dp x cp (the ranks
+        the gradients are averaged over): each rank's summed loss over it is its share
+        of the mean over all of them, whatever the number of micro-batches and their
+        masks (None on stages without labels)."""
         if not micro_batches[0].labels.numel():
             return None
         count = sum(self.objective.count(b) for b in micro_batches).float()
-        if self.mesh.dp_group is not None:
-            count = all_reduce(count, self.mesh.dp_group)
-        return count / self.mesh.dims.dp
+        if self.mesh.dp_cp_group is not None:
+            count = all_reduce(count, self.mesh.dp_cp_group)
+        return count / self.mesh.dp_cp
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate the gradient of the mean loss over the global batch's trained tokens,
@@ -554,10 +560,10 @@ class Trainer:
         return {prefix + n: v / pairs for n, v in zip(PREFERENCE_METRICS, values, strict=False)}
 
     def reduce_loss(self, value: torch.Tensor) -> float:
-        """The loss of the whole pipeline (held by the last stage), averaged over dp."""
+        """The loss of the whole pipeline (held by the last stage), averaged over dp x cp."""
         value = all_reduce(value.clone(), self.mesh.pp_group)
-        if self.mesh.dp_group is not None:
-            value = all_reduce(value, self.mesh.dp_group) / self.mesh.dims.dp
+        if self.mesh.dp_cp_group is not None:
+            value = all_reduce(value, self.mesh.dp_cp_group) / self.mesh.dp_cp
         return value.item()
 
     # -- the loop ---------------------------------------------------------------------------
@@ -655,11 +661,11 @@ class Trainer:
             logger.info("MFU: not reported, the %s backend has no meaningful peak FLOP/s",
                         self.backend.name)
         logger.info(
-            "model %s: %.2f M parameters on this rank | %s backend | tp=%d%s pp=%d dp=%d | "
+            "model %s: %.2f M parameters on this rank | %s backend | tp=%d%s cp=%d pp=%d dp=%d | "
             "%d micro-batches of %d x %d tokens per step | %.1f M train tokens",
             self.cfg.model.name, self.num_params / 1e6, self.backend.name, self.mesh.dims.tp,
             " (sequence parallel)" if self.cfg.parallel.sequence_parallel else "",
-            self.mesh.dims.pp, self.mesh.dims.dp,
+            self.mesh.dims.cp, self.mesh.dims.pp, self.mesh.dims.dp,
             self.train_batches.accumulation_steps, self.micro_batch_size, t.seq_len,
             self.data.num_tokens("train") / 1e6,
         )

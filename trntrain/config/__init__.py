@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from trntrain.config.schema import register_configs
 from trntrain.config.validate import (
     ConfigError,
+    context_attention,
     data_parallel_size,
     micro_batch_size,
     microbatches,
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "compose",
     "config_dir",
+    "context_attention",
     "data_parallel_size",
     "micro_batch_size",
     "microbatches",

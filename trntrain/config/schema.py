@@ -83,6 +83,14 @@ class ParallelConfig:
     # Expert parallelism: the experts of each MoE layer sharded over ep ranks carved out
     # of dp (ep divides dp and model.num_experts; consecutive dp ranks form a group).
     ep: int = 1
+    # Context parallelism: each sequence split over cp ranks in 2 * cp chunks, rank i
+    # holding chunks i and 2 * cp - 1 - i (causal work balanced); ranks: tp innermost,
+    # then cp, then dp, then pp.
+    cp: int = 1
+    # How attention crosses the shards: auto (allgather on xla and neuron, ring
+    # elsewhere) | allgather (keys and values all-gathered) | ring (passed around the
+    # ring, needs point-to-point send and receive: cpu, cuda).
+    cp_attention: str = "auto"
     # Shard norms and residual activations along the sequence over the tp group
     # (all-gather / reduce-scatter instead of all-reduce).
     sequence_parallel: bool = False

@@ -40,7 +40,7 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
     p = cfg.parallel
     if p.dp is not None:
         return p.dp
-    return max(world_size // (p.tp * p.pp), 1)
+    return max(world_size // (p.tp * p.pp * p.cp), 1)
 
 
 def micro_batch_size(cfg: DictConfig, world_size: int) -> int:
@@ -238,18 +238,21 @@ def _validate_expert_parallel(cfg: DictConfig, world_size: int) -> None:
 
 def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
     p = cfg.parallel
-    _positive(p, "parallel", "tp", "pp")
+    _positive(p, "parallel", "tp", "pp", "cp")
     require(p.dp is None or p.dp > 0, "parallel.dp", p.dp, "null (derived) or a positive integer")
     _validate_tensor_parallel(cfg)
     _validate_pipeline(cfg, world_size)
     dp = data_parallel_size(cfg, world_size)
+    cp = f" * cp={p.cp}" if p.cp > 1 else ""
     require(
-        p.tp * p.pp * dp == world_size, "parallel.dp" if p.dp is not None else "parallel.tp",
+        p.tp * p.cp * p.pp * dp == world_size,
+        "parallel.dp" if p.dp is not None else "parallel.tp",
         p.dp if p.dp is not None else p.tp,
-        f"sizes with tp * pp * dp = world size {world_size}",
-        f"tp={p.tp} * pp={p.pp} * dp={dp} = {p.tp * p.pp * dp} processes are needed but "
-        f"{world_size} were started;",
+        f"sizes with tp * {'cp * ' if cp else ''}pp * dp = world size {world_size}",
+        f"tp={p.tp}{cp} * pp={p.pp} * dp={dp} = {p.tp * p.cp * p.pp * dp} processes are "
+        f"needed but {world_size} were started;",
     )
+    _validate_context_parallel(cfg)
     require(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "a positive number of MiB")
     _validate_expert_parallel(cfg, world_size)
     from trntrain.parallel.zero import COMM_DTYPES
@@ -263,6 +266,61 @@ def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
 
     require(p.activation_checkpointing in MODES, "parallel.activation_checkpointing",
             p.activation_checkpointing, f"one of {MODES}")
+
+
+def context_attention(cfg: DictConfig) -> str:
+    """parallel.cp_attention with auto resolved: allgather on a lazy backend (xla,
+    neuron: static shapes, no point-to-point), ring elsewhere."""
+    from trntrain.backend import AUTO, BACKENDS, detect_backend
+
+    mode = cfg.parallel.cp_attention
+    if mode != "auto":
+        return mode
+    backend = detect_backend() if cfg.backend.name == AUTO else cfg.backend.name
+    return "allgather" if backend in BACKENDS and BACKENDS[backend].lazy else "ring"
+
+
+def _validate_context_parallel(cfg: DictConfig) -> None:
+    from trntrain.backend import AUTO, BACKENDS, detect_backend
+    from trntrain.models import MODEL_FAMILIES
+    from trntrain.parallel.context import CP_ATTENTION
+
+    p, t = cfg.parallel, cfg.train
+    require(p.cp_attention in ("auto", *CP_ATTENTION), "parallel.cp_attention",
+            p.cp_attention, f"one of {('auto', *CP_ATTENTION)}")
+    if p.cp == 1:
+        return
+    require(t.seq_len % (2 * p.cp) == 0, "train.seq_len", t.seq_len,
+            f"a multiple of 2 x parallel.cp = {2 * p.cp}",
+            "context parallelism cuts each sequence into 2 x cp equal chunks, two per rank;")
+    if p.sequence_parallel and p.tp > 1:
+        require((t.seq_len // p.cp) % p.tp == 0, "train.seq_len", t.seq_len,
+                f"a multiple of parallel.cp x parallel.tp = {p.cp * p.tp}",
+                "sequence parallelism splits each cp rank's tokens evenly over the tp group;")
+    family = MODEL_FAMILIES[cfg.model.family]
+    require(family.context_parallel, "parallel.cp", p.cp, f"1 for model.family="
+            f"{cfg.model.family}", "context parallelism is built for the dense families "
+            f"({', '.join(sorted(n for n, f in MODEL_FAMILIES.items() if f.context_parallel))}); "
+            "an MoE router's load-balancing loss would see a part of each sequence;")
+    objective = cfg.get("objective")
+    require(objective is None or objective.name == "causal_lm", "parallel.cp", p.cp,
+            f"1 with objective={objective.name if objective is not None else ''}",
+            "a preference objective scores whole responses, which context parallelism "
+            "splits over ranks;")
+    c = cfg.cluster
+    if c.procs_per_node is not None:
+        require(p.tp * p.cp <= c.procs_per_node, "parallel.cp", p.cp,
+                f"at most cluster.procs_per_node / parallel.tp = {c.procs_per_node // p.tp} "
+                f"on cluster={c.name}",
+                "every layer exchanges keys and values within the cp group, and tp x cp "
+                f"ranks beyond a node of {c.procs_per_node} would send them over the "
+                "inter-node network instead of the node's own links;")
+    backend = detect_backend() if cfg.backend.name == AUTO else cfg.backend.name
+    if p.cp_attention == "ring" and backend in BACKENDS:
+        require(not BACKENDS[backend].lazy, "parallel.cp_attention", "ring",
+                f"allgather (or auto) on backend {backend}",
+                "ring attention passes keys and values with point-to-point send and receive, "
+                "which torch-xla runs as a collective_permute and a graph sync per transfer;")
 
 
 def _validate_tensor_parallel(cfg: DictConfig) -> None:

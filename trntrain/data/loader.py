@@ -8,7 +8,10 @@ recorded. Data-parallel rank r takes the r-th contiguous share and splits it int
 micro-batches, so dp ranks read disjoint samples that together cover the batch,
 the ranks of a tp group (same dp rank) read identical ones, and every layout of
 the same global batch sees the same samples. Pipeline stages that need neither
-the inputs (the first) nor the labels (the last) read nothing.
+the inputs (the first) nor the labels (the last) read nothing. Under context
+parallelism the ranks of a cp group read the same samples and each keeps its
+zig-zag part of the inputs and labels (positions and documents stay whole: the
+model's attention masks need the whole sequence's).
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import torch
 
 from trntrain.data.base import NOTHING, Batch, DataSource
 from trntrain.errors import UserError
+from trntrain.parallel.context import shard_sequence
 
 
 class StepBatches:
     def __init__(self, source: DataSource, split: str, global_batch_size: int,
                  micro_batch_size: int, dp_rank: int, dp_size: int, shuffle: bool = True,
-                 inputs: bool = True, labels: bool = True, vocab_size: int | None = None
-                 ) -> None:
-        """vocab_size: check every id read against it (for data whose tokenizer is unknown)."""
+                 inputs: bool = True, labels: bool = True, vocab_size: int | None = None,
+                 context: tuple[int, int] = (0, 1)) -> None:
+        """vocab_size: check every id read against it (for data whose tokenizer is unknown);
+        context: (cp rank, cp), the part of each sequence this rank keeps."""
         self.source = source
         self.split = split
         self.global_batch_size = global_batch_size
@@ -37,6 +42,7 @@ class StepBatches:
         self.inputs = inputs
         self.labels = labels
         self.vocab_size = vocab_size
+        self.cp_rank, self.cp = context
         self.start_step = 0
         self.start_sample = 0
 
@@ -68,8 +74,11 @@ class StepBatches:
                 f"vocabulary covers the data's tokenizer (set model.vocab_size or data.tokenizer)."
             )
         # Stages that neither embed nor score read only the document layout.
-        batch = batch._replace(inputs=batch.inputs if self.inputs else NOTHING,
-                               labels=batch.labels if self.labels else NOTHING)
+        batch = batch._replace(
+            inputs=shard_sequence(batch.inputs, self.cp, self.cp_rank) if self.inputs
+            else NOTHING,
+            labels=shard_sequence(batch.labels, self.cp, self.cp_rank) if self.labels
+            else NOTHING)
         return batch.split(self.micro_batch_size)
 
     def steps(self, start: int, stop: int) -> Iterator[list[Batch]]:

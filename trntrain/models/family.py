@@ -100,6 +100,9 @@ class ModelFamily:
     # (model, ep_group) -> the model keeping this rank's experts (expert parallelism,
     # parallel.ep); None: a family without experts (validation refuses ep > 1).
     parallelize_experts: Callable[[nn.Module, Group], nn.Module] | None = None
+    # Whether the model takes context parallelism (`trntrain.parallel.context`: a Llama
+    # forward, sharding set on `model.context_parallel`).
+    context_parallel: bool = False
 
 
 def head_dim(model: DictConfig) -> int:

@@ -49,6 +49,7 @@ FAMILY = ModelFamily(
     flops_per_token=costs.flops_per_token,
     layer_params=costs.layer_params,
     hf=LLAMA_HF,
+    context_parallel=True,
 )
 
 __all__ = ["FAMILY", "Attention", "Llama", "LlamaArgs", "RopeScaling", "TransformerBlock",

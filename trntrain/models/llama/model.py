@@ -145,9 +145,10 @@ class Llama(nn.Module):
         document index; a token attends to the tokens before it in its own document
         only. Both are of the whole sequence, also under sequence and context
         parallelism (where x holds a part of it: under context parallelism this rank's
-        zig-zag chunks, `trntrain.parallel.context`). None: positions 0, 1, ... and causal attention over the
-        whole row. `cache` (a KVCache, with `positions`): decoding, each layer's keys and
-        values written at `positions` and the queries attending to all those before.
+        zig-zag chunks, `trntrain.parallel.context`). None: positions 0, 1, ... and
+        causal attention over the whole row. `cache` (a KVCache, with `positions`):
+        decoding, each layer's keys and values written at `positions` and the queries
+        attending to all those before.
         """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         mask = None

@@ -26,6 +26,7 @@ FAMILY = dataclasses.replace(
     layer_costs=moe_costs.layer_costs, head_cost=moe_costs.head_cost,
     flops_per_token=moe_costs.flops_per_token,
     layer_params=moe_costs.layer_params_of(qwen3_layer_params), hf=QWEN3_MOE_HF,
-    layer_activations=moe_costs.layer_activations, parallelize_experts=shard_experts)
+    layer_activations=moe_costs.layer_activations, parallelize_experts=shard_experts,
+    context_parallel=False)
 
 __all__ = ["FAMILY", "Qwen3Moe", "Qwen3MoeArgs", "Qwen3MoeBlock", "qwen3_moe_args"]
