@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sysconfig
 from pathlib import Path
 
@@ -26,6 +27,13 @@ def corpus_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+@functools.lru_cache(maxsize=1)
+def stdlib_files() -> tuple[Path, ...]:
+    """The default corpus's files, listed once per process (a second of directory walking,
+    which processes forked after the first listing inherit)."""
+    return tuple(corpus_files(stdlib_root()))
+
+
 class CorpusSource(DataSource):
     """Byte-level tokens, one document per file, an end-of-text token after each."""
 
@@ -45,7 +53,7 @@ class CorpusSource(DataSource):
         if not root.is_dir():
             raise UserError(f"data.root={str(root)!r} is not a directory; valid: a directory "
                              f"of .py files, or null for the Python standard library.")
-        files = corpus_files(root)
+        files = list(stdlib_files()) if not self.cfg.root else corpus_files(root)
         if not files:
             raise UserError(f"data.root={str(root)!r} holds no .py files; valid: a directory "
                              f"of .py files, or null for the Python standard library.")
