@@ -8,8 +8,10 @@ TRNTRAIN_FAULT=kill:STEP[:RANK] makes rank RANK (default 0) kill itself with
 SIGKILL after optimizer step STEP; kill_during_save:STEP[:RANK] does it while the
 checkpoint of step STEP is half written, kill_after_log:STEP[:RANK] between the
 metrics record of step STEP and its checkpoint; nan:STEP[:RANK] makes that rank's loss NaN
-at step STEP. Only in the first attempt of a torchrun job
-(TORCHELASTIC_RESTART_COUNT unset or 0): the recovery tests use them.
+at step STEP; pause:STEP[:RANK] holds that rank at the start of step STEP until it is
+asked to stop (SIGTERM): a run caught mid-way, for the scheduler tests. Only in the first
+attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT unset or 0): the recovery tests use
+them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class StopRequest:
         self._vote: tuple[dist.Work, torch.Tensor] | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
+        global _STOP_SIGNALLED
+        self.requested = _STOP_SIGNALLED = True
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -75,6 +78,10 @@ class StopRequest:
         self._vote = None if stop else (
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group(), async_op=True), flag)
         return stop
+
+
+# Set by the SIGTERM handler: what a `pause` fault waits for.
+_STOP_SIGNALLED = False
 
 
 def _fault() -> tuple[str, int, int] | None:
@@ -110,11 +117,14 @@ def inject_fault(point: str, step: int, world: World) -> None:
         return
     kind, at_step, rank = fault
     points = {"kill": "step", "kill_after_log": "log", "kill_during_save": "save",
-              "stall": "start", "raise": "start"}
+              "stall": "start", "raise": "start", "pause": "start"}
     if points.get(kind) != point or step != at_step or world.rank != rank:
         return
     if kind == "stall":  # stops making progress: the watchdog's case
         time.sleep(10**6)
+    elif kind == "pause":  # mid-run until a stop request, which then takes its usual path
+        while not _STOP_SIGNALLED:
+            time.sleep(0.05)
     elif kind == "raise":  # fails as a bug in its data or model code would
         raise RuntimeError(f"injected failure on rank {world.rank} at step {step}")
     else:
