@@ -33,6 +33,9 @@ commands:
   prepare  INPUT [INPUT ...] --output PREFIX [--tokenizer T] [--workers N]: tokenize
            JSONL, text or parquet files into an indexed dataset (PREFIX.bin + PREFIX.idx)
   report   RUN_DIR [RUN_DIR ...]: plots and a summary; several runs or a sweep overlaid
+  sweep    status SWEEP_DIR [--json]: each point of a sweep (train -m, e.g. with
+           hydra/launcher=slurm): its overrides, SLURM job and state, last step and loss,
+           finished or not
   launch   [--master-addr=HOST] [overrides]: print each node's torchrun command for the
            configured cluster (a dry run: nothing is started); --k8s: the cluster's
            Kubeflow PyTorchJob manifest instead (launch/k8s/pytorchjob.yaml filled in)
@@ -257,6 +260,30 @@ def report_command(argv: list[str]) -> None:
     print(f"plots and summary in {report.directory}")
 
 
+def sweep_command(argv: list[str]) -> None:
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    from trntrain.launcher.sweep import format_status, sweep_status
+
+    parser = argparse.ArgumentParser(prog="trntrain sweep", description=(
+        "The points of a sweep directory (trntrain train -m ..., on SLURM with "
+        "hydra/launcher=slurm): overrides, SLURM job id and state, last step and loss, "
+        "and whether each finished."))
+    sub = parser.add_subparsers(dest="action", required=True)
+    status = sub.add_parser("status", help="each point's state")
+    status.add_argument("sweep_dir", type=Path, help="the sweep's hydra.sweep.dir")
+    status.add_argument("--json", action="store_true", help="one JSON object per point")
+    args = parser.parse_args(argv)
+    rows, reachable = sweep_status(args.sweep_dir)
+    if args.json:
+        for row in rows:
+            print(json.dumps(asdict(row)))
+    else:
+        print(format_status(rows, reachable), end="")
+
+
 def kubernetes_manifest(cfg: DictConfig, overrides: list[str]) -> str:
     """launch/k8s/pytorchjob.yaml for the configured cluster: one pod per node, its
     cores, EFA interfaces (cluster.efa_devices) and instance type, the overrides."""
@@ -384,6 +411,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "prepare": prepare_command,
     "convert": convert_command,
     "report": report_command,
+    "sweep": sweep_command,
     "launch": launch_command,
     "plan": plan_command,
     "models": models_command,

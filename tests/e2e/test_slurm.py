@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -13,69 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.slurm_cluster import slurm_cluster
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SHORT = ["train.max_steps=6", "train.seq_len=32", "train.global_batch_size=8",
          "logging.progress_bar=false", "data.max_bytes=300000"]
-CONF = """ClusterName=trntrain
-SlurmctldHost={host}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
-SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
-SlurmctldLogFile={d}/slurmctld.log
-SlurmdLogFile={d}/slurmd.log
-SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ReturnToService=2
-MpiDefault=none
-JobAcctGatherType=jobacct_gather/none
-NodeName={host} CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def slurm(tmp_path):
-    if os.geteuid() != 0 or not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged")):
-        pytest.skip("needs root and Debian's slurm-wlm (.ci/run installs it)")
-    if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
-        Path("/run/munge").mkdir(exist_ok=True)
-        shutil.chown("/run/munge", "munge", "munge")
-        if not Path("/etc/munge/munge.key").exists():
-            subprocess.run(["mungekey", "-c"], check=True)
-        subprocess.run(["munged", "--force"], check=True)
-    d = tmp_path / "slurm"
-    for sub in ("state", "spool"):
-        (d / sub).mkdir(parents=True)
-    conf = d / "slurm.conf"
-    conf.write_text(CONF.format(host=socket.gethostname(), d=d, cpus=os.cpu_count(),
-                                ctld_port=free_port(), d_port=free_port()))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True)
-    subprocess.run(["slurmd", "-f", str(conf)], env=env, check=True)
-    deadline = time.monotonic() + 60
-    while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%t"], env=env,
-                                       capture_output=True, text=True).stdout:
-        assert time.monotonic() < deadline, (d / "slurmd.log").read_text()
-        time.sleep(0.5)
-    yield env
-    subprocess.run(["scontrol", "shutdown"], env=env)
+    with slurm_cluster(tmp_path / "slurm") as env:
+        yield env
 
 
 def test_sbatch_trains_on_slurm(slurm, tmp_path):

@@ -1,0 +1,1 @@
+"""trntrain's Hydra launcher for SLURM: `trntrain train -m hydra/launcher=slurm ...`."""
