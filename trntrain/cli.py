@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from trntrain.distributed import world_from_env
 from trntrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -77,7 +76,12 @@ def reported(speak: bool = True) -> Iterator[None]:
 def train_task(cfg: DictConfig) -> None:
     from trntrain.backend import build_backend
     from trntrain.config import validate
-    from trntrain.distributed import barrier, destroy_process_group, init_process_group
+    from trntrain.distributed import (
+        barrier,
+        destroy_process_group,
+        init_process_group,
+        world_from_env,
+    )
     from trntrain.run_dir import agree_run_dir, setup_logging, write_run_dir
     from trntrain.trainer import Trainer
 
@@ -170,6 +174,7 @@ def models_command(argv: list[str]) -> None:
 
 def check_overrides(overrides: list[str]) -> None:
     from trntrain.config import compose
+    from trntrain.distributed import world_from_env
 
     with reported(speak=world_from_env().is_main):
         compose(overrides)

@@ -13,12 +13,15 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from trntrain.distributed import World, broadcast_object
 from trntrain.errors import UserError
+
+if TYPE_CHECKING:  # torch is not imported by the commands that only read run directories
+    from trntrain.distributed import World
 
 logger = logging.getLogger("trntrain")
 
@@ -43,6 +46,8 @@ def default_run_dir() -> Path:
 
 def agree_run_dir(cfg: DictConfig, world: World) -> Path:
     """run.dir if set, else rank 0's default, broadcast so that every rank uses one path."""
+    from trntrain.distributed import broadcast_object
+
     chosen = Path(cfg.run.dir) if cfg.run.dir else (default_run_dir() if world.is_main else None)
     return Path(broadcast_object(str(chosen) if chosen is not None else None))
 

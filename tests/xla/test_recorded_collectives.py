@@ -169,6 +169,13 @@ LAYOUTS = {
     "moe_ep2_dp4_capacity_dcp": [
         ("model=mixtral_tiny", "model.n_layers=2", "model.capacity_factor=1.25",
          "parallel.ep=2", *DCP)],
+    # Context parallelism's all-gather attention (keys and values gathered, their
+    # gradients reduce-scattered) beside sp, and its dp x cp group under ZeRO-1.
+    "cp2_tp2_sp_then_cp2_dp2_zero1_dcp": [
+        ("parallel.cp=2", "parallel.cp_attention=allgather", "parallel.tp=2",
+         "parallel.sequence_parallel=true", *DCP),
+        ("parallel.cp=2", "parallel.cp_attention=allgather", "parallel.dp=2",
+         "parallel.zero1=true", *DCP)],
     "pp2_dp2_tied_hf_export": [
         ("parallel.pp=2", "parallel.pp_transport=allgather", "model.tie_embeddings=true",
          "checkpoint=hf", "checkpoint.every=0")],

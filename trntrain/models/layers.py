@@ -97,22 +97,15 @@ class RMSNorm(nn.Module):
         return self.weight * x32.type_as(x)
 
 
-class ShardedAttention:
-    """An attention whose keys are spread over ranks (context parallelism): passed where
-    a mask goes, it brings its own core (`trntrain.parallel.context`)."""
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           mask: torch.Tensor | ShardedAttention | None = None) -> torch.Tensor:
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention, (batch, seq, heads, head_dim) in and out; k and v may have fewer heads
     (grouped-query attention), each shared by a run of query heads, and more positions
     than q (a KV cache's). `mask`: None for plain causal attention over q's positions,
     else a boolean (batch, 1, q positions, k positions), True where a query may attend
-    (`document_mask`, `KVCache.mask`), or the attention across context-parallel shards."""
-    if isinstance(mask, ShardedAttention):
+    (`document_mask`, `KVCache.mask`); or, under context parallelism, the attention
+    across the shards, which brings its own core (`trntrain.parallel.context`)."""
+    if mask is not None and not isinstance(mask, torch.Tensor):
         return mask.attend(q, k, v)
     # Head counts come from the tensors: a tensor-parallel shard holds fewer heads.
     groups = q.shape[2] // k.shape[2]

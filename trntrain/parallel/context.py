@@ -28,11 +28,11 @@ separate across shards.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from trntrain.models.layers import ShardedAttention, attend
 from trntrain.parallel.comm import (
     Group,
     gather_from_context_region,
@@ -41,6 +41,15 @@ from trntrain.parallel.comm import (
 )
 
 CP_ATTENTION = ("allgather", "ring")
+
+
+class ShardedAttention:
+    """An attention whose keys are spread over the cp ranks: passed to the model's
+    attention where a mask goes (`trntrain.models.layers.attend`), it brings its own
+    core."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 def zigzag_chunks(cp: int, rank: int) -> tuple[int, int]:
@@ -94,32 +103,96 @@ class ContextParallel:
         """The rotary positions of the local tokens (1 or batch, 2·L) and the attention
         across the shards, from the whole sequence's positions and documents (None:
         positions 0, 1, ..., one causal sequence)."""
-        local = zigzag_index(self.seq_len, self.cp, self.rank, device)
         if positions is None:
-            local_positions = local[None]
+            local_positions = zigzag_index(self.seq_len, self.cp, self.rank, device)[None]
         else:
             local_positions = shard_sequence(positions, self.cp, self.rank)
-        if self.mode == "allgather":
-            keys = torch.cat([zigzag_index(self.seq_len, self.cp, r, device)
-                              for r in range(self.cp)])
-            k_docs = None if documents is None else documents[:, keys]
-            q_docs = None if documents is None else documents[:, local]
-            return local_positions, AllGatherAttention(
-                visible(local, keys, q_docs, k_docs), self.group)
-        return local_positions, RingAttention(self, documents, device)
+        kind = AllGatherAttention if self.mode == "allgather" else RingAttention
+        return local_positions, kind(self, documents, device)
+
+
+# Keys per tile of the all-gather attention: a tile's scores, (heads, L, KEY_TILE) in
+# fp32, are the largest transient of the core (at 128k tokens over cp=4 with 4 local
+# heads: 0.5 GiB), and fewer, larger tiles make a smaller graph on XLA.
+KEY_TILE = 2048
+
+
+# The score of a hidden pair: finite, as -inf would make the normaliser of a row that a
+# tile hides entirely -inf and its weights NaN (exp(-inf + inf)), which XLA does not
+# guard as torch's logsumexp does. Such a row's tile then has a normaliser near MASKED
+# and merges with weight exp(MASKED - real) = 0; every row sees at least its own key.
+MASKED = -1e30
+
+
+class Tile(NamedTuple):
+    """A block of the attention: local query rows against some keys, with the mask of
+    which pairs are visible (None: every pair)."""
+
+    rows: slice
+    cols: slice
+    mask: torch.Tensor | None
+
+
+class Shards:
+    """The global token indices and document ids of every cp rank's tokens."""
+
+    def __init__(self, context: ContextParallel, documents: torch.Tensor | None,
+                 device: torch.device) -> None:
+        self.context = context
+        self.index = [zigzag_index(context.seq_len, context.cp, r, device)
+                      for r in range(context.cp)]
+        self.docs = (None if documents is None
+                     else [documents[:, index] for index in self.index])
+        self.chunk = self.index[0].numel() // 2  # L
+
+    def tile(self, rows: slice, owner: int, cols: slice, diagonal: bool) -> Tile:
+        """This rank's query `rows` against cp rank `owner`'s keys `cols`; a mask where
+        some pair is hidden (on the diagonal of causality, or between documents)."""
+        me = self.context.rank
+        if not diagonal and self.docs is None:
+            return Tile(rows, cols, None)
+        q_docs = None if self.docs is None else self.docs[me][:, rows]
+        k_docs = None if self.docs is None else self.docs[owner][:, cols]
+        return Tile(rows, cols, visible(self.index[me][rows], self.index[owner][cols],
+                                        q_docs, k_docs))
 
 
 class AllGatherAttention(ShardedAttention):
-    """The local queries against the whole sequence's keys and values, gathered."""
+    """The local queries against the whole sequence's keys and values, all-gathered
+    (kv heads only: the gradients are reduce-scattered back), computed in tiles of
+    KEY_TILE keys with an online softmax: no (local tokens x S) matrix is ever held,
+    and tiles that causality hides are skipped."""
 
-    def __init__(self, mask: torch.Tensor, group: Group) -> None:
-        self.mask = mask  # (1 or batch, 1, 2·L, S): built once per forward, every layer's
-        self.group = group
+    def __init__(self, context: ContextParallel, documents: torch.Tensor | None,
+                 device: torch.device) -> None:
+        self.context = context
+        self.shards = Shards(context, documents, device)
+        self.tiles = self._tiles()
+
+    def _tiles(self) -> list[Tile]:
+        cp, me, length = self.context.cp, self.context.rank, self.shards.chunk
+        step = min(length, KEY_TILE)
+        tiles = []
+        for q_slot, q_chunk in enumerate(zigzag_chunks(cp, me)):
+            rows = slice(q_slot * length, (q_slot + 1) * length)
+            for owner in range(cp):
+                for k_slot, k_chunk in enumerate(zigzag_chunks(cp, owner)):
+                    if k_chunk > q_chunk:
+                        continue  # wholly in the future
+                    # The gathered keys: owner after owner, each its two chunks.
+                    start = (2 * owner + k_slot) * length
+                    for offset in range(0, length, step):
+                        local = slice(k_slot * length + offset, k_slot * length + offset + step)
+                        tile = self.shards.tile(rows, owner, local, k_chunk == q_chunk)
+                        tiles.append(Tile(rows, slice(start + offset, start + offset + step),
+                                          tile.mask))
+        return tiles
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k = gather_from_context_region(k, self.group)
-        v = gather_from_context_region(v, self.group)
-        return attend(q, k, v, self.mask)
+        group = self.context.group
+        k = gather_from_context_region(k, group)
+        v = gather_from_context_region(v, group)
+        return _TiledAttention.apply(q, k, v, self.tiles)
 
 
 class RingAttention(ShardedAttention):
@@ -128,33 +201,22 @@ class RingAttention(ShardedAttention):
     def __init__(self, context: ContextParallel, documents: torch.Tensor | None,
                  device: torch.device) -> None:
         self.context = context
-        cp, seq_len = context.cp, context.seq_len
-        self.index = [zigzag_index(seq_len, cp, r, device) for r in range(cp)]
-        self.docs = (None if documents is None
-                     else [documents[:, index] for index in self.index])
+        self.shards = Shards(context, documents, device)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _RingAttention.apply(q, k, v, self)
 
-    def block(self, owner: int) -> tuple[slice, slice, torch.Tensor | None]:
-        """The (query rows, key rows, mask) this rank computes against the keys of cp rank
-        `owner`: with the zig-zag, an earlier owner's first chunk is wholly visible to
-        both local chunks, a later owner's two chunks to the second local chunk only, and
-        the rank's own keys causally; the rest is hidden. A mask only where some pair of
-        the block is hidden (causality within a chunk, or documents)."""
-        me, half = self.context.rank, self.index[0].numel() // 2
+    def tile(self, owner: int) -> Tile:
+        """What this rank computes against the keys of cp rank `owner`: with the
+        zig-zag, an earlier owner's first chunk is wholly visible to both local chunks,
+        a later owner's two chunks to the second local chunk only, and the rank's own
+        keys causally; the rest is hidden."""
+        me, half = self.context.rank, self.shards.chunk
         if owner == me:
-            rows, cols = slice(None), slice(None)
-        elif owner < me:
-            rows, cols = slice(None), slice(0, half)
-        else:
-            rows, cols = slice(half, None), slice(None)
-        if owner != me and self.docs is None:
-            return rows, cols, None
-        q_docs = None if self.docs is None else self.docs[me][:, rows]
-        k_docs = None if self.docs is None else self.docs[owner][:, cols]
-        return rows, cols, visible(self.index[me][rows], self.index[owner][cols], q_docs,
-                                   k_docs)
+            return self.shards.tile(slice(None), owner, slice(None), diagonal=True)
+        if owner < me:
+            return self.shards.tile(slice(None), owner, slice(0, half), diagonal=False)
+        return self.shards.tile(slice(half, None), owner, slice(None), diagonal=False)
 
 
 def _exchange(group: Group, send: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -167,9 +229,15 @@ def _exchange(group: Group, send: torch.Tensor) -> tuple[torch.Tensor, list]:
     return received, dist.batch_isend_irecv(ops)
 
 
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
 def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(batch, kv heads, seq, d) -> (batch, heads, seq, d): each kv head shared by a run
-    of query heads (grouped-query attention)."""
+    """(batch, kv heads, seq, d) -> (batch, heads, seq, d), fp32: each kv head shared
+    by a run of query heads (grouped-query attention)."""
+    x = x.float()
     return x.repeat_interleave(groups, dim=1) if groups > 1 else x
 
 
@@ -181,94 +249,170 @@ def _fold(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(b, h // groups, groups, s, d).sum(2)
 
 
-class _RingAttention(torch.autograd.Function):
-    """Exact attention of the local queries over the whole ring's keys, in fp32, with
-    each rank's keys and values visiting every rank once (forward and backward)."""
+class Queries:
+    """Query rows (batch, heads, rows, d) in fp32 and their scores against a tile's keys."""
+
+    def __init__(self, q: torch.Tensor, kv_heads: int) -> None:
+        self.q = q.transpose(1, 2).float()
+        self.groups = self.q.shape[1] // kv_heads
+        self.scale = 1.0 / math.sqrt(self.q.shape[-1])
+
+    def scores(self, tile: Tile, keys: torch.Tensor) -> torch.Tensor:
+        scores = self.q[:, :, tile.rows] @ keys.transpose(-1, -2) * self.scale
+        return scores if tile.mask is None else scores.masked_fill(~tile.mask, MASKED)
+
+
+class Softmax:
+    """The attention of the queries over keys met tile by tile: each tile's softmax
+    merges into the running output by the normalisers (log-sum-exp) of the two (flash
+    attention's recurrence, in fp32)."""
+
+    def __init__(self, q: torch.Tensor, kv_heads: int) -> None:
+        self.queries = Queries(q, kv_heads)
+        self.out = torch.zeros_like(self.queries.q)
+        self.lse = torch.full(self.out.shape[:-1], MASKED, device=q.device)
+
+    def add(self, tile: Tile, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Merge the tile's keys k and values v, (batch, kv heads, keys, d)."""
+        groups = self.queries.groups
+        scores = self.queries.scores(tile, _expand(k, groups))
+        tile_lse = scores.logsumexp(-1)
+        tile_out = torch.exp(scores - tile_lse[..., None]) @ _expand(v, groups)
+        old = self.lse[:, :, tile.rows]
+        merged = torch.logaddexp(old, tile_lse)
+        self.out[:, :, tile.rows] = (self.out[:, :, tile.rows] * torch.exp(old - merged)[..., None]
+                                     + tile_out * torch.exp(tile_lse - merged)[..., None])
+        self.lse[:, :, tile.rows] = merged
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.out.transpose(1, 2).to(dtype)
+
+
+class SoftmaxGrad:
+    """The backward of `Softmax`, visiting the tiles again and recomputing their
+    probabilities from the final normaliser: dq accumulated here, each tile's dk and
+    dv returned."""
+
+    def __init__(self, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 grad_out: torch.Tensor, kv_heads: int) -> None:
+        self.queries = Queries(q, kv_heads)
+        self.lse = lse
+        self.dout = grad_out.transpose(1, 2).float()
+        self.delta = (self.dout * out.transpose(1, 2).float()).sum(-1)  # softmax's row term
+        self.dq = torch.zeros_like(self.queries.q)
+
+    def tile(self, tile: Tile, k: torch.Tensor, v: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """dk and dv of the tile's keys and values, (batch, kv heads, keys, d), fp32."""
+        queries, rows = self.queries, tile.rows
+        keys, values = _expand(k, queries.groups), _expand(v, queries.groups)
+        probs = torch.exp(queries.scores(tile, keys) - self.lse[:, :, rows][..., None])
+        dout = self.dout[:, :, rows]
+        dv = _fold(probs.transpose(-1, -2) @ dout, queries.groups)
+        d_scores = probs * (dout @ values.transpose(-1, -2)
+                            - self.delta[:, :, rows][..., None]) * queries.scale
+        self.dq[:, :, rows] += d_scores @ keys
+        dk = _fold(d_scores.transpose(-1, -2) @ queries.q[:, :, rows], queries.groups)
+        return dk, dv
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dq.transpose(1, 2).to(dtype)
+
+
+def _fp32(x: torch.Tensor) -> torch.autocast:
+    """No autocast inside the core: its scores and merges stay in fp32 under bf16."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)  # (batch, seq, heads, d) <-> (batch, heads, seq, d)
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Exact attention of the local queries over keys held whole (the all-gathered
+    sequence's), tile by tile; saves q, k, v, the output and its normaliser only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ring: RingAttention):
-        context = ring.context
-        group, cp, me = context.group, context.cp, context.rank
-        dtype = q.dtype
-        # (batch, heads, seq, head_dim), fp32 for the scores and the merge.
-        qf = q.transpose(1, 2).float()
-        kv = torch.stack([k.transpose(1, 2), v.transpose(1, 2)]).float().contiguous()
-        groups = qf.shape[1] // kv.shape[2]
-        scale = 1.0 / math.sqrt(qf.shape[-1])
-        out = torch.zeros_like(qf)
-        lse = torch.full(qf.shape[:-1], -math.inf, device=qf.device)
-        current = kv
-        for step in range(cp):
-            owner = (me - step) % cp
-            pending = _exchange(group, current) if step < cp - 1 else None
-            rows, cols, mask = ring.block(owner)
-            keys = _expand(current[0][:, :, cols], groups)
-            values = _expand(current[1][:, :, cols], groups)
-            scores = qf[:, :, rows] @ keys.transpose(-1, -2) * scale
-            if mask is not None:
-                scores = scores.masked_fill(~mask, -math.inf)
-            block_lse = scores.logsumexp(-1)
-            block_out = torch.exp(scores - _finite(block_lse)[..., None]) @ values
-            merged = torch.logaddexp(lse[:, :, rows], block_lse)
-            weight_old = torch.exp(lse[:, :, rows] - _finite(merged))[..., None]
-            weight_new = torch.exp(block_lse - _finite(merged))[..., None]
-            out[:, :, rows] = out[:, :, rows] * weight_old + block_out * weight_new
-            lse[:, :, rows] = merged
-            if pending is not None:
-                received, works = pending
-                for work in works:
-                    work.wait()
-                current = received
-        ctx.ring, ctx.dtype, ctx.groups, ctx.scale = ring, dtype, groups, scale
-        ctx.save_for_backward(qf, kv, out, lse)
-        return out.transpose(1, 2).to(dtype)
+    def forward(ctx, q, k, v, tiles: list[Tile]):
+        with _fp32(q):
+            return _TiledAttention._forward(ctx, q, k, v, tiles)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, tiles: list[Tile]):
+        kh, vh = _heads_first(k), _heads_first(v)
+        softmax = Softmax(q, kh.shape[1])
+        for tile in tiles:
+            softmax.add(tile, kh[:, :, tile.cols], vh[:, :, tile.cols])
+        out = softmax.result(q.dtype)
+        ctx.tiles = tiles
+        ctx.save_for_backward(q, k, v, out, softmax.lse)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qf, kv, out, lse = ctx.saved_tensors
-        ring, groups, scale = ctx.ring, ctx.groups, ctx.scale
-        context = ring.context
-        group, cp, me = context.group, context.cp, context.rank
-        dout = grad_out.transpose(1, 2).float()
-        delta = (dout * out).sum(-1)  # the softmax backward's row term
-        dq = torch.zeros_like(qf)
-        current = kv
-        # The gradient of the keys and values being visited, passed along with them and
-        # home to their owner after the last hop.
-        dkv = torch.zeros_like(kv)
+        q, k, v, out, lse = ctx.saved_tensors
+        kh, vh = _heads_first(k), _heads_first(v)
+        grad = SoftmaxGrad(q, out, lse, grad_out, kh.shape[1])
+        dk = torch.zeros(kh.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros_like(dk)
+        for tile in ctx.tiles:
+            tile_dk, tile_dv = grad.tile(tile, kh[:, :, tile.cols], vh[:, :, tile.cols])
+            dk[:, :, tile.cols] += tile_dk
+            dv[:, :, tile.cols] += tile_dv
+        return (grad.result(q.dtype), _heads_first(dk).to(k.dtype),
+                _heads_first(dv).to(v.dtype), None)
+
+
+class _RingAttention(torch.autograd.Function):
+    """Exact attention of the local queries over the whole ring's keys, each rank's
+    keys and values visiting every rank once, forward and backward (where their
+    gradient travels with them and reaches their owner after one more hop)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ring: RingAttention):
+        with _fp32(q):
+            return _RingAttention._forward(ctx, q, k, v, ring)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, ring: RingAttention):
+        group, cp, me = ring.context.group, ring.context.cp, ring.context.rank
+        softmax = Softmax(q, k.shape[2])
+        current = torch.stack([_heads_first(k), _heads_first(v)]).contiguous()
         for step in range(cp):
-            owner = (me - step) % cp
             pending = _exchange(group, current) if step < cp - 1 else None
-            rows, cols, mask = ring.block(owner)
-            keys = _expand(current[0][:, :, cols], groups)
-            values = _expand(current[1][:, :, cols], groups)
-            scores = qf[:, :, rows] @ keys.transpose(-1, -2) * scale
-            if mask is not None:
-                scores = scores.masked_fill(~mask, -math.inf)
-            probs = torch.exp(scores - lse[:, :, rows][..., None])
-            d_out = dout[:, :, rows]
-            dkv[1][:, :, cols] += _fold(probs.transpose(-1, -2) @ d_out, groups)
-            d_scores = probs * (d_out @ values.transpose(-1, -2)
-                                - delta[:, :, rows][..., None]) * scale
-            dq[:, :, rows] += d_scores @ keys
-            dkv[0][:, :, cols] += _fold(d_scores.transpose(-1, -2) @ qf[:, :, rows], groups)
+            tile = ring.tile((me - step) % cp)
+            softmax.add(tile, current[0][:, :, tile.cols], current[1][:, :, tile.cols])
             if pending is not None:
-                received, works = pending
-                for work in works:
-                    work.wait()
-                current = received
+                current, works = pending
+                _wait(works)
+        out = softmax.result(q.dtype)
+        ctx.ring = ring
+        ctx.save_for_backward(q, k, v, out, softmax.lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring = ctx.ring
+        group, cp, me = ring.context.group, ring.context.cp, ring.context.rank
+        grad = SoftmaxGrad(q, out, lse, grad_out, k.shape[2])
+        current = torch.stack([_heads_first(k), _heads_first(v)]).contiguous()
+        dkv = torch.zeros(current.shape, dtype=torch.float32, device=current.device)
+        for step in range(cp):
+            pending = _exchange(group, current) if step < cp - 1 else None
+            tile = ring.tile((me - step) % cp)
+            tile_dk, tile_dv = grad.tile(tile, current[0][:, :, tile.cols],
+                                         current[1][:, :, tile.cols])
+            dkv[0][:, :, tile.cols] += tile_dk
+            dkv[1][:, :, tile.cols] += tile_dv
+            if pending is not None:
+                current, works = pending
+                _wait(works)
             if cp > 1:
                 dkv, works = _exchange(group, dkv)
-                for work in works:
-                    work.wait()
-        dk, dv = dkv[0].transpose(1, 2), dkv[1].transpose(1, 2)
-        return (dq.transpose(1, 2).to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None)
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """A normaliser safe to subtract: rows that see no key in a block (-inf) get 0, so
-    their exp(-inf - 0) weights are 0 rather than NaN."""
-    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+                _wait(works)
+        return (grad.result(q.dtype), _heads_first(dkv[0]).to(k.dtype),
+                _heads_first(dkv[1]).to(v.dtype), None)
 
 
 def apply_context_parallel(model: torch.nn.Module, group: Group, mode: str, seq_len: int
