@@ -363,6 +363,11 @@ LAYOUTS = {
     "pp2_interleaved_full": (2, ("parallel.pp=2", "parallel.virtual_pp=2",
                                  "parallel.schedule=interleaved_1f1b", "parallel.microbatches=4",
                                  "parallel.activation_checkpointing=full")),
+    # Context parallelism: half of each sequence per rank, and the attention core's
+    # saved tensors (the all-gather's gathered keys and values).
+    "cp2_ring": (2, ("parallel.cp=2", "parallel.cp_attention=ring")),
+    "cp2_allgather_tp2_sp": (4, ("parallel.cp=2", "parallel.cp_attention=allgather",
+                                 "parallel.tp=2", "parallel.sequence_parallel=true")),
 }
 MEASURE = ("train.seq_len=64", "train.global_batch_size=8")
 
@@ -516,7 +521,8 @@ def test_fused_and_unfused_attention_on_cpu():
 # -- plan, search, the train warning ---------------------------------------------------------
 
 @pytest.mark.parametrize("preset", ["llama3_8b_trn1_32nodes", "llama3_8b_trn1_64nodes",
-                                    "llama3_70b_trn1_32nodes", "llama3_70b_trn1_64nodes"])
+                                    "llama3_70b_trn1_32nodes", "llama3_70b_trn1_64nodes",
+                                    "llama3_8b_trn1_128k"])
 def test_presets_fit_their_clusters(preset):
     """Every Trn1 preset fits a core's 16 GiB less the runtime's 2, with at least 1 GiB
     to spare, at an MFU in the range AWS reports for these models on Trn1."""
@@ -526,7 +532,7 @@ def test_presets_fit_their_clusters(preset):
     assert result.memory_per_core_gib < result.budget_gib - 1
     assert 0.2 < result.mfu < 0.5
     assert result.tokens_per_s == pytest.approx(
-        cfg.train.global_batch_size * 8192 / result.step_time_s, rel=1e-12)
+        cfg.train.global_batch_size * cfg.train.seq_len / result.step_time_s, rel=1e-12)
     # k and v sharded (tp divides the 8 kv heads), as the presets' comments reason.
     assert cfg.model.n_kv_heads % result.layout.tp == 0
     # The header states the planner's figures: they must still be what it says.

@@ -270,12 +270,15 @@ def _validate_parallel(cfg: DictConfig, world_size: int) -> None:
 
 def context_attention(cfg: DictConfig) -> str:
     """parallel.cp_attention with auto resolved: allgather on a lazy backend (xla,
-    neuron: static shapes, no point-to-point), ring elsewhere."""
+    neuron: static shapes, no point-to-point; with backend=auto also on a trn* cluster,
+    as the planner sees one from elsewhere), ring elsewhere."""
     from trntrain.backend import AUTO, BACKENDS, detect_backend
 
     mode = cfg.parallel.cp_attention
     if mode != "auto":
         return mode
+    if cfg.backend.name == AUTO and str(cfg.cluster.name).startswith("trn"):
+        return "allgather"
     backend = detect_backend() if cfg.backend.name == AUTO else cfg.backend.name
     return "allgather" if backend in BACKENDS and BACKENDS[backend].lazy else "ring"
 

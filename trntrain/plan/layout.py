@@ -12,7 +12,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from trntrain.config import data_parallel_size, micro_batch_size, microbatches
+from trntrain.config import (
+    context_attention,
+    data_parallel_size,
+    micro_batch_size,
+    microbatches,
+)
 from trntrain.parallel.mesh import ParallelDims
 
 
@@ -29,11 +34,19 @@ class Layout:
     microbatches: int  # per optimizer step on each data-parallel rank
     micro_batch_size: int  # sequences per micro-batch
     ep: int = 1  # expert parallelism, carved out of dp
+    cp: int = 1  # context parallelism: each sequence over cp ranks
+    cp_attention: str = "allgather"  # allgather | ring; allgather where cp is 1
 
     @property
     def dims(self) -> ParallelDims:
         """The process mesh of the layout (global ranks of its groups)."""
-        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp, ep=self.ep)
+        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp, ep=self.ep, cp=self.cp)
+
+    @property
+    def replicas(self) -> int:
+        """The ranks holding the same weights and seeing different tokens (dp x cp):
+        gradients are reduced, and ZeRO-1 shards, over them."""
+        return self.dp * self.cp
 
     @property
     def world_size(self) -> int:
@@ -54,16 +67,17 @@ class Layout:
                 f"parallel.zero1={str(self.zero1).lower()}",
                 f"parallel.activation_checkpointing={self.activation_checkpointing}",
                 f"parallel.schedule={self.schedule}", f"parallel.virtual_pp={self.virtual_pp}",
-                f"train.micro_batch_size={self.micro_batch_size}", f"parallel.ep={self.ep}"]
+                f"train.micro_batch_size={self.micro_batch_size}", f"parallel.ep={self.ep}",
+                f"parallel.cp={self.cp}", f"parallel.cp_attention={self.cp_attention}"]
 
 
 def planned_world_size(cfg: DictConfig) -> int:
     """The processes of the configured cluster; on `local` (any number of processes),
-    those the layout asks for: tp x pp x (parallel.dp or 1)."""
+    those the layout asks for: tp x cp x pp x (parallel.dp or 1)."""
     c, p = cfg.cluster, cfg.parallel
     if c.procs_per_node is not None:
         return c.nodes * c.procs_per_node
-    return p.tp * p.pp * (p.dp or 1)
+    return p.tp * p.cp * p.pp * (p.dp or 1)
 
 
 def layout_from_config(cfg: DictConfig, world_size: int) -> Layout:
@@ -74,5 +88,6 @@ def layout_from_config(cfg: DictConfig, world_size: int) -> Layout:
         activation_checkpointing=p.activation_checkpointing, schedule=p.schedule,
         virtual_pp=p.virtual_pp if p.pp > 1 else 1,
         microbatches=microbatches(cfg, world_size),
-        micro_batch_size=micro_batch_size(cfg, world_size), ep=p.ep,
+        micro_batch_size=micro_batch_size(cfg, world_size), ep=p.ep, cp=p.cp,
+        cp_attention=context_attention(cfg) if p.cp > 1 else "allgather",
     )

@@ -320,7 +320,7 @@ def sharded_reduction(cfg: DictConfig, layout: Layout, params: list[Param]
     `end`: what the slices' gradients hold beyond the gradients they replaced (positive
     at dp=1: 4 bytes for 2 of bf16)."""
     g, (c, _), m = gradient_bytes(cfg.train), comm_bytes(cfg), master_bytes(cfg.train)
-    d = layout.dp
+    d = layout.replicas
     held = peak = 0.0  # kept slices' gradients less released gradients so far
     lingering_flat = 0.0
     for bucket in optimizer_bucket_params(params, cfg.parallel.bucket_mb):
@@ -351,7 +351,7 @@ def sharded_step_transient(cfg: DictConfig, layout: Layout, params: list[Param])
     estimate, not measured)."""
     _, w = comm_bytes(cfg)
     m = master_bytes(cfg.train)
-    d = layout.dp
+    d = layout.replicas
     slices = [-(-n // d) for n in optimizer_buckets(params, cfg.parallel.bucket_mb)]
     rounds = m == 2 and cfg.train.stochastic_rounding
     adam = (7 * 4 if rounds else 3 * m) * max(slices, default=0)
@@ -387,7 +387,7 @@ def gradient_sync_bytes(cfg: DictConfig, layout: Layout, params: list[Param]) ->
     if sharded_optimizer(t, layout):
         reduction, end = sharded_reduction(cfg, layout, params)
         dp_peak = max(reduction, end + sharded_step_transient(cfg, layout, params))
-    elif layout.dp > 1:
+    elif layout.replicas > 1:
         dp_peak = all_reduce_peak([p.numel for p in params], bucket_mb, pe, ge)
     return max(tp_peak, dp_peak)
 
@@ -402,7 +402,7 @@ def static_bytes(cfg: DictConfig, layout: Layout, params: list[Param], frozen: i
     pe = param_bytes(t.precision)
     grads = numel * gradient_bytes(t)
     if sharded_optimizer(t, layout):
-        slice_numel = sharded_elements(params, layout.dp, cfg.parallel.bucket_mb, t.precision,
+        slice_numel = sharded_elements(params, layout.replicas, cfg.parallel.bucket_mb, t.precision,
                                        layout.ep)
         m = master_bytes(t)
         optimizer, master = 2 * m * slice_numel, m * slice_numel
@@ -437,15 +437,55 @@ def fused_attention(cfg: DictConfig) -> bool:
 
 
 def activation_spec(cfg: DictConfig, layout: Layout) -> ActivationSpec:
-    """What the family's `layer_activations` needs of the layout and settings."""
+    """What the family's `layer_activations` needs of the layout and settings. Under
+    context parallelism the attention core is trntrain's tiled one (on every backend),
+    which keeps no s x s matrix."""
     return ActivationSpec(tp=layout.tp, sequence_parallel=layout.sequence_parallel,
                           element_bytes=activation_bytes(cfg.train.precision),
-                          seq_len=cfg.train.seq_len, fused_attention=fused_attention(cfg))
+                          seq_len=cfg.train.seq_len,
+                          fused_attention=fused_attention(cfg) or layout.cp > 1)
+
+
+def context_attention_bytes(model: DictConfig, layout: Layout, seq_len: int, e: int
+                            ) -> tuple[float, float]:
+    """(saved, transient): per sequence and layer, the bytes context parallelism's
+    attention core (`trntrain.parallel.context`) holds beyond what a fused core saves
+    (q, k, v, the output and its normaliser, in the family's accounting) on a rank of L
+    = seq_len / (2 cp) tokens per chunk:
+    - saved for backward: the all-gathered keys and values (2 e S kv_local; none for
+      the ring, whose saved keys are the rank's own);
+    - transient, during its backward: fp32 copies of q, the output's gradient and dq
+      (3 x 4 x 2L q_local); fp32 gradients of the keys held (all-gather: 2 x 4 S
+      kv_local; ring: those travelling and those received, with the keys and values
+      themselves, 2 x (2 x 4 + 2 e) 2L kv_local); and one tile's scores, probabilities
+      and their gradient (3 x 4 x heads x its query rows x its keys, L x KEY_TILE for
+      the all-gather, 2 L^2 for the ring) with its expanded keys and values."""
+    from trntrain.parallel.context import KEY_TILE
+
+    tp, cp = layout.tp, layout.cp
+    heads = model.n_heads // tp
+    hd = family_head_dim(model)
+    kv = kv_heads(model)
+    kv_local = (kv // tp if tp <= kv else 1) * hd
+    q_local = heads * hd
+    local = seq_len // cp
+    chunk = local // 2
+    copies = 3 * 4 * local * q_local
+    if layout.cp_attention == "allgather":
+        cols = min(chunk, KEY_TILE)
+        saved = 2 * e * seq_len * kv_local
+        held = 2 * 4 * seq_len * kv_local
+        tile = 3 * 4 * heads * chunk * cols + 2 * 4 * cols * q_local
+    else:
+        saved = 0.0
+        held = 2 * (2 * 4 + 2 * e) * local * kv_local
+        tile = 3 * 4 * heads * 2 * chunk * chunk + 2 * 4 * local * q_local
+    return saved, copies + held + tile
 
 
 def activation_model(cfg: DictConfig, layout: Layout) -> ActivationModel:
     m, t = cfg.model, cfg.train
-    tokens = layout.micro_batch_size * t.seq_len
+    tokens = layout.micro_batch_size * t.seq_len // layout.cp  # on this rank
     h, tp = m.dim, layout.tp
     head_dim = family_head_dim(m)
     e = activation_bytes(t.precision)
@@ -462,6 +502,14 @@ def activation_model(cfg: DictConfig, layout: Layout) -> ActivationModel:
     else:
         layer, recompute = one.saved, 0.0
     scores = one.attention_scores
+    if layout.cp > 1:
+        saved, transient = context_attention_bytes(m, layout, t.seq_len, e)
+        per_token = layout.cp / t.seq_len
+        if mode == "none":
+            layer += saved * per_token
+        else:  # the core (all-gather included) is recomputed, its gathered keys too
+            recompute += saved * per_token
+        scores = transient * per_token
     v_local = m.vocab_size / tp
     # Embedding: token ids (int64), under tp also the shifted ids and an out-of-range mask.
     first = 8 + (9 if tp > 1 else 0)

@@ -16,12 +16,15 @@ PARTS = {"params": "parameters", "grads": "gradients", "optimizer_states": "opti
          "gradient_sync": "gradient buckets"}
 TERMS = {"compute": "compute", "tp_comm": "tp collectives", "pp_p2p": "pipeline transfers",
          "pp_bubble": "pipeline bubble", "dp_comm": "dp gradient sync",
-         "ep_all_to_all": "ep all-to-all", "reference_forward": "reference forward"}
+         "ep_all_to_all": "ep all-to-all", "cp_attention": "cp keys and values",
+         "reference_forward": "reference forward"}
 
 
 def layout_line(plan: Plan) -> str:
     lay = plan.layout
     parts = [f"tp={lay.tp}", f"pp={lay.pp}", f"dp={lay.dp}"]
+    if lay.cp > 1:
+        parts.append(f"cp={lay.cp} ({lay.cp_attention})")
     if lay.ep > 1:
         parts.append(f"ep={lay.ep}")
     if lay.sequence_parallel:

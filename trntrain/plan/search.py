@@ -1,7 +1,9 @@
 """Layout search: every layout of a model on a cluster that trntrain accepts, planned,
 and those that fit ranked by estimated tokens per second.
 
-Candidates: tp a divisor of the cores per node (a tp group stays on NeuronLink), pp a
+Candidates: tp a divisor of the cores per node (a tp group stays on NeuronLink), cp a
+power of two with tp x cp within the node and chunks of at least MIN_CP_CHUNK tokens
+(the all-gather attention on xla and neuron, the ring elsewhere: the default), pp a
 divisor of the layers and of the cores left, dp the rest, dividing the global batch;
 micro-batches of 1, 2 or 4 sequences; sequence parallelism on or off (tp > 1); ZeRO-1
 on or off (always on in effect with bf16 master weights, which the trainer shards
@@ -19,12 +21,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trntrain.config import ConfigError, validate
+from trntrain.config import ConfigError, context_attention, validate
 from trntrain.plan import Plan, plan_layout, validate_plan_config
 from trntrain.plan.layout import Layout, planned_world_size
 from trntrain.plan.memory import sharded_optimizer
 
 MICRO_BATCH_SIZES = (1, 2, 4)
+# Context parallelism only where each of a rank's two chunks keeps this many tokens:
+# shorter ones exchange keys and values for little memory saved.
+MIN_CP_CHUNK = 1024
 CHECKPOINTING = ("none", "selective", "full")
 
 
@@ -45,9 +50,12 @@ def candidates(cfg: DictConfig, world: int) -> list[Layout]:
     trial = cfg.copy()
     found: list[Layout] = []
     first_error: ConfigError | None = None
-    for tp in divisors(c.procs_per_node or world):
-        for pp in divisors(world // tp):
-            dp = world // (tp * pp)
+    node = c.procs_per_node or world
+    sizes = [(tp, cp) for tp in divisors(node) for cp in divisors(node // tp)
+             if cp & (cp - 1) == 0 and (cp == 1 or t.seq_len // (2 * cp) >= MIN_CP_CHUNK)]
+    for tp, cp in sizes:
+        for pp in divisors(world // (tp * cp)):
+            dp = world // (tp * cp * pp)
             if m.n_layers % pp or t.global_batch_size % dp:
                 continue
             schedules = [("1f1b", 1)]
@@ -58,7 +66,7 @@ def candidates(cfg: DictConfig, world: int) -> list[Layout]:
                 if (t.global_batch_size // dp) % mbs:
                     continue
                 p = trial.parallel
-                p.tp, p.pp, p.dp, p.sequence_parallel, p.ep = tp, pp, None, sp, 1
+                p.tp, p.pp, p.dp, p.sequence_parallel, p.ep, p.cp = tp, pp, None, sp, 1, cp
                 p.schedule, p.virtual_pp, p.microbatches = schedule, v, None
                 trial.train.micro_batch_size = mbs
                 try:
@@ -71,7 +79,8 @@ def candidates(cfg: DictConfig, world: int) -> list[Layout]:
                 eps = [e for e in divisors(dp) if getattr(m, "num_experts", None)
                        and m.num_experts % e == 0] or [1]
                 for zero1, mode, ep in itertools.product((False, True), CHECKPOINTING, eps):
-                    layout = Layout(tp, pp, dp, sp, zero1, mode, schedule, v, m_count, mbs, ep)
+                    layout = Layout(tp, pp, dp, sp, zero1, mode, schedule, v, m_count, mbs, ep,
+                                    cp, context_attention(trial) if cp > 1 else "allgather")
                     if not zero1 and sharded_optimizer(t, layout):
                         continue  # bf16 master weights: sharded either way, listed once
                     found.append(layout)

@@ -23,6 +23,13 @@ bound of what the layout can do at the given compute efficiency.
   dtype (fp32 gradients under train.fp32_grad_accumulation; both fp32 with
   parallel.zero1_comm_dtype=fp32);
   otherwise a ring all-reduce of the gradients in their dtype;
+- cp: per layer and micro-batch, the attention's exchange of keys and values within
+  the cp group (kv heads of the rank, e bytes): all-gather, the keys and the values
+  all-gathered forward and their gradients reduce-scattered backward, each
+  (c - 1) / c x b s kv e / bandwidth; ring, c - 1 hops of the rank's keys and values
+  forward and again backward, and c hops of their fp32 gradients, each 2 b (s / c) kv
+  bytes / bandwidth; activation checkpointing repeats the forward exchange. Compute and
+  the other terms take the rank's s / c tokens;
 - ep (MoE): per MoE layer and micro-batch, the all-to-alls of dispatch and combine
   forward and their two backward (two more under full checkpointing, which recomputes
   the forward), each moving the rank's top_k x b s h e bytes of routed tokens, of
@@ -40,6 +47,7 @@ from omegaconf import DictConfig
 
 from trntrain.metrics.flops import mfu
 from trntrain.models import family_of
+from trntrain.models import head_dim as family_head_dim
 from trntrain.plan.layout import Layout
 from trntrain.plan.memory import (
     activation_bytes,
@@ -99,7 +107,7 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
     if None in (c.peak_flops_per_core, c.intra_node_gbps, c.inter_node_gbps):
         return None
     s, b, mb = t.seq_len, layout.micro_batch_size, layout.microbatches
-    tokens = b * s  # per micro-batch
+    tokens = b * s // layout.cp  # per micro-batch, on this rank
     e = activation_bytes(t.precision)
     mode = layout.activation_checkpointing
     tp = layout.tp
@@ -141,22 +149,22 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
         rows = m.top_k * (getattr(m, "capacity_factor", None) or 1.0)
         ep_comm = (exchanges * (layout.ep - 1) / layout.ep * rows * tokens * m.dim * e
                    / group_bandwidth(cfg, ranks))
-    per_microbatch = compute + tp_comm + p2p + ep_comm
+    cp_comm = context_comm_s(cfg, layout, sum(sizes[i] for i in held[busiest]))
+    per_microbatch = compute + tp_comm + p2p + ep_comm + cp_comm
     if layout.pp > 1:
         bubble = (layout.pp - 1) / layout.virtual_pp * per_microbatch
 
     dp_comm = 0.0
-    if layout.dp > 1:
-        ranks = [dims.rank_of(0, i, 0) for i in range(layout.dp)]
-        bw = group_bandwidth(cfg, ranks)
+    d = layout.replicas  # gradients are reduced over dp x cp
+    if d > 1:
+        bw = group_bandwidth(cfg, dims.group_ranks("dp", "cp")[0])
         if sharded_optimizer(t, layout):
             fp32 = cfg.parallel.zero1_comm_dtype == "fp32"
             grads = 4 if fp32 or t.fp32_grad_accumulation else param_bytes(t.precision)
             weights = 4 if fp32 else param_bytes(t.precision)
-            dp_comm = (layout.dp - 1) / layout.dp * (grads + weights) * params_per_rank / bw
+            dp_comm = (d - 1) / d * (grads + weights) * params_per_rank / bw
         else:
-            dp_comm = (2 * (layout.dp - 1) / layout.dp * param_bytes(t.precision)
-                       * params_per_rank / bw)
+            dp_comm = 2 * (d - 1) / d * param_bytes(t.precision) * params_per_rank / bw
     out = {"compute": mb * compute, "tp_comm": mb * tp_comm, "pp_p2p": mb * p2p,
            "pp_bubble": bubble, "dp_comm": dp_comm}
     objective = getattr(cfg, "objective", None)
@@ -170,7 +178,31 @@ def step_time(cfg: DictConfig, layout: Layout, params_per_rank: int) -> dict[str
         out["reference_forward"] = mb * forward + (layout.pp - 1) / layout.virtual_pp * forward
     if layout.ep > 1:
         out["ep_all_to_all"] = mb * ep_comm
+    if layout.cp > 1:
+        out["cp_attention"] = mb * cp_comm
     return out
+
+
+def context_comm_s(cfg: DictConfig, layout: Layout, layers: int) -> float:
+    """Seconds of one micro-batch's key and value exchange over the cp group, on a rank
+    running `layers` layers (the module docstring's cp term)."""
+    cp = layout.cp
+    if cp == 1:
+        return 0.0
+    m, t = cfg.model, cfg.train
+    e = activation_bytes(t.precision)
+    kv = (m.n_kv_heads or m.n_heads)
+    kv_local = (kv // layout.tp if layout.tp <= kv else 1) * family_head_dim(m)
+    forward_again = layout.activation_checkpointing != "none"
+    bw = group_bandwidth(cfg, layout.dims.group_ranks("cp")[0])
+    b, s = layout.micro_batch_size, t.seq_len
+    if layout.cp_attention == "allgather":
+        one = (cp - 1) / cp * b * s * kv_local * e / bw  # k or v, gathered or scattered
+        per_layer = (2 + 2 + 2 * forward_again) * one
+    else:
+        hop = 2 * b * (s // cp) * kv_local / bw  # k and v together, per byte of element
+        per_layer = (cp - 1) * hop * e * (2 + forward_again) + cp * hop * 4
+    return layers * per_layer
 
 
 def throughput(cfg: DictConfig, layout: Layout, step_s: float) -> tuple[float, float]:
