@@ -116,15 +116,16 @@ def job_states(jobs: Iterable[str], env: Mapping[str, str] | None = None
     controller (jobs that run, wait or ended in the last MinJobAge seconds), then from
     accounting (sacct, where slurmdbd keeps it). None when SLURM does not answer."""
     wanted = set(jobs)
-    if not wanted:
-        return {}
-    try:
-        proc = run(["scontrol", "--oneliner", "show", "job"], env, check=False)
-    except SlurmError:
-        return None
-    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
-        return None
-    states = {j: s for j, s in _from_scontrol(proc.stdout).items() if j in wanted}
+    states: dict[str, str] = {}
+    for array in sorted({job.split("_")[0] for job in wanted}):
+        try:
+            proc = run(["scontrol", "--oneliner", "show", "job", array], env, check=False)
+        except SlurmError:
+            return None
+        if proc.returncode == 0:
+            states.update({j: s for j, s in _from_scontrol(proc.stdout).items() if j in wanted})
+        elif "Invalid job id" not in proc.stderr:  # not a job it forgot: no answer
+            return None
     missing = sorted(wanted - set(states))
     if missing:
         try:

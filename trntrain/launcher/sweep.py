@@ -247,7 +247,8 @@ def sbatch_flags(settings: Settings, sweep_dir: Path, tasks: Sequence[int], node
              f"--job-name=trntrain:{sweep_dir.name}", f"--nodes={nodes}",
              f"--ntasks-per-node={settings.agents_per_node}",
              f"--output={records_dir(sweep_dir)}/%A_%a.out", "--open-mode=append",
-             "--requeue"]
+             # The job reads its point and settings from the environment given here.
+             "--export=ALL", "--requeue"]
     if settings.signal_delay_s:
         flags.append(f"--signal=B:USR1@{settings.signal_delay_s}")
     for key, flag in (("partition", "--partition"), ("time_limit", "--time"),
@@ -340,6 +341,7 @@ class PointStatus:
     max_steps: int | None
     loss: float | None
     finished: bool
+    log: str | None  # the job's output (all its runs), where SLURM wrote it
 
 
 def _local_points(sweep_dir: Path) -> list[PointRecord]:
@@ -382,9 +384,10 @@ def sweep_status(sweep_dir: Path, env: dict[str, str] | None = None
             state = "unknown"
         else:
             state = states.get(job, "unknown") if job else "not submitted"
+        log = records_dir(sweep_dir) / f"{job}.out" if job else None
         rows.append(PointStatus(r.num, r.overrides, r.run_dir, job, state, step, r.max_steps,
                                 loss, step is not None and r.max_steps is not None
-                                and step >= r.max_steps))
+                                and step >= r.max_steps, str(log) if log else None))
     return rows, states is not None
 
 
