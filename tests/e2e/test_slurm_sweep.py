@@ -90,11 +90,6 @@ def status(sweep_dir: Path, env: dict[str, str]) -> list[tuple[str, bool, int]]:
 
 def test_sweep_on_slurm_equals_local_and_resumes_interrupted_points(cluster, tmp_path):
     d, env = cluster
-    # The reference: the same points run one after another on this machine, one process
-    # each, by Hydra's own launcher, while SLURM runs them.
-    local = subprocess.Popen([TRNTRAIN, "train", "-m", f"optim.lr={','.join(LRS)}", *RUN,
-                              f"hydra.sweep.dir={tmp_path / 'local'}"], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     site = tmp_path / "site.sbatch"
     site.write_text(SITE_SCRIPT.format(script=ROOT / "launch" / "slurm_trn1.sbatch"))
     site.chmod(0o755)
@@ -107,18 +102,34 @@ def test_sweep_on_slurm_equals_local_and_resumes_interrupted_points(cluster, tmp
     assert "3 of 3 points submitted" in first.stdout, first.stdout
     jobs = [point_jobs(sweep_dir, n)[-1] for n in range(3)]
     assert len({job.split("_")[0] for job in jobs}) == 1, jobs  # one array job
+    # The reference: the same points run one after another on this machine, one process
+    # each, by Hydra's own launcher, while SLURM runs them.
+    local = subprocess.Popen([TRNTRAIN, "train", "-m", f"optim.lr={','.join(LRS)}", *RUN,
+                              f"hydra.sweep.dir={tmp_path / 'local'}"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     # Points 1 and 2 stop mid-run (step 3 logged): 1 is cancelled as a user would; 2 gets
     # the notice SLURM sends before a time limit (--signal=B:USR1@...), stops at a
     # checkpoint and requeues itself.
     interrupt = {1: ["scancel", jobs[1]], 2: ["scancel", "--batch", "--signal=USR1", jobs[2]]}
+    queued = []
 
     def interrupt_paused_points() -> bool:
         for num in [n for n in interrupt if last_step(sweep_dir / str(n)) == 3]:
+            if num == 1:  # meanwhile the command again: nothing to submit
+                queued.append(subprocess.run(command, cwd=tmp_path, env=env,
+                                             capture_output=True, text=True))
             subprocess.run(interrupt.pop(num), env=env, check=True)
         return not interrupt and not queue(env)
 
     wait_for(interrupt_paused_points, "the first array job, its points interrupted")
+    (meanwhile,) = queued
+    assert meanwhile.returncode == 0, meanwhile.stderr
+    for expected in (f"#0 optim.lr={LRS[0]}: finished, not submitted again",
+                     f"#1 optim.lr={LRS[1]}: job {jobs[1]} is RUNNING, not submitted again",
+                     f"#2 optim.lr={LRS[2]}: job {jobs[2]} is PENDING, not submitted again",
+                     "0 of 3 points submitted"):
+        assert expected in meanwhile.stdout, meanwhile.stdout
     ends = job_records(d)
     assert [ends[job] for job in jobs] == [["COMPLETED"], ["CANCELLED"],
                                            ["PENDING", "COMPLETED"]], ends  # 2: requeued
