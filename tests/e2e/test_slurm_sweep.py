@@ -85,7 +85,16 @@ def status(sweep_dir: Path, env: dict[str, str]) -> list[tuple[str, bool, int]]:
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert all(Path(r["log"]).is_file() for r in rows), rows  # each job's output
     return [(r["state"], r["finished"], r["step"]) for r in rows]
+
+
+def down_conf(directory: Path) -> Path:
+    """A SLURM whose controller is down: its commands fail at once."""
+    conf = directory / "down.conf"
+    conf.write_text(f"ClusterName=down\nSlurmctldHost=localhost\nSlurmctldPort={free_port()}\n"
+                    f"MessageTimeout=1\n")
+    return conf
 
 
 def test_sweep_on_slurm_equals_local_and_resumes_interrupted_points(cluster, tmp_path):
@@ -169,6 +178,10 @@ def test_sweep_on_slurm_equals_local_and_resumes_interrupted_points(cluster, tmp
                                                                         "rank_1.log"]
     rows, _ = sweep_status(tmp_path / "local")  # the local sweep: no SLURM jobs
     assert [(r.state, r.finished) for r in rows] == [("local", True)] * 3
+    # SLURM gone: the states are unknown, the progress still read from the run directories.
+    rows, reachable = sweep_status(sweep_dir, {**env, "SLURM_CONF": str(down_conf(tmp_path))})
+    assert not reachable and [(r.state, r.finished, r.step) for r in rows] == [
+        ("unknown", True, 6)] * 3
 
     report = subprocess.run([TRNTRAIN, "report", str(sweep_dir)], env=env,
                             capture_output=True, text=True)
@@ -189,10 +202,8 @@ def test_bad_sweep_input_is_one_line_and_submits_nothing(case, cluster, tmp_path
             "optim.lr=1e-3,2e-3", *ON_SLURM, *RUN]
     # The other cases get a cluster whose controller is down: those that must stop before
     # asking SLURM anything would otherwise end in `not reachable`.
-    down = tmp_path / "down.conf"
-    down.write_text(f"ClusterName=down\nSlurmctldHost=localhost\nSlurmctldPort={free_port()}\n"
-                    f"MessageTimeout=1\n")
-    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"] if case == "partition" else str(down))
+    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"] if case == "partition"
+                       else str(down_conf(tmp_path)))
     expected = {
         "sweep_dir": r"hydra\.sweep\.dir=runs/sweep-\$\{now:%Y%m%d-%H%M%S\} is invalid with "
                      r"hydra/launcher=slurm: .*; valid: a fixed directory .*",

@@ -319,9 +319,9 @@ def launch(points: Sequence[Point], sweep_dir: Path, settings: Settings,
             what = f"job {d.job} is {d.state}, not submitted again"
         else:
             record = read_record(sweep_dir, d.point.num)
-            job = record.jobs[-1] if record else "?"
+            d.job, d.state = (record.jobs[-1] if record else None), "PENDING"
             step, _ = progress(d.point.run_dir)
-            what = f"submitted as job {job}" + (f", resuming after step {step}" if step else "")
+            what = f"submitted as job {d.job}" + (f", resuming after step {step}" if step else "")
         out(f"#{d.point.num} {' '.join(overrides) or '(no overrides)'}: {what}")
     submitted = sum(d.action == "submit" for d in decisions)
     out(f"{sweep_dir}: {submitted} of {len(decisions)} points submitted"
