@@ -239,3 +239,24 @@ def test_sweep_status_of_a_directory_without_points_is_one_line(tmp_path, capfd)
     assert err == (f"trntrain: error: {tmp_path} holds no sweep points; valid: the "
                    f"hydra.sweep.dir of a `trntrain train -m` sweep (its .slurm/ records or "
                    f"job directories).\n")
+
+
+def test_job_states_read_from_scontrol_and_sacct_lines():
+    """The two formats job_states reads, as SLURM 22.05 prints them: scontrol's one line
+    per job (a pending array's tasks as one record with a range) and sacct's JobID|State
+    (steps skipped, `CANCELLED by UID` as CANCELLED), which this machine cannot produce
+    without slurmdbd."""
+    from trntrain.launcher.slurm import _from_sacct, _from_scontrol
+
+    scontrol = ("JobId=4813 JobName=trntrain:lr ArrayJobId=4812 ArrayTaskId=0 JobState=RUNNING "
+                "Reason=None\n"
+                "JobId=4812 JobName=trntrain:lr ArrayJobId=4812 ArrayTaskId=2-3,5%2 "
+                "JobState=PENDING Reason=JobArrayTaskLimit\n"
+                "JobId=4790 JobName=other JobState=COMPLETED Reason=None\n")
+    assert _from_scontrol(scontrol) == {"4812_0": "RUNNING", "4812_2": "PENDING",
+                                        "4812_3": "PENDING", "4812_5": "PENDING",
+                                        "4790": "COMPLETED"}
+    sacct = ("4812_1|COMPLETED\n4812_1.batch|COMPLETED\n4812_1.0|COMPLETED\n"
+             "4812_4|CANCELLED by 0\n4790|TIMEOUT\n")
+    assert _from_sacct(sacct) == {"4812_1": "COMPLETED", "4812_4": "CANCELLED",
+                                  "4790": "TIMEOUT"}

@@ -4,7 +4,7 @@ sweep's state read back for `trntrain sweep status`.
 
 The sweep directory holds, besides one run directory per point (Hydra's
 `hydra.sweep.subdir`, the point's number by default), `.slurm/`: `point-N.json` (the
-point's overrides, run directory, step count and every job that ran it), `args/N` (the
+point's overrides, run directory, train.max_steps and every job that ran it), `args/N` (the
 overrides the job passes to the script, NUL-separated) and `ARRAY_TASK.out` (the job's
 output). A point is finished when its metrics.jsonl reaches train.max_steps: re-running
 the sweep command submits only the points neither finished nor still queued, and each
@@ -88,7 +88,12 @@ def records_dir(sweep_dir: Path) -> Path:
 def read_record(sweep_dir: Path, num: int) -> PointRecord | None:
     path = records_dir(sweep_dir) / f"point-{num}.json"
     try:
-        return PointRecord(**json.loads(path.read_text()))
+        record = PointRecord(**json.loads(path.read_text()))
+        if not (isinstance(record.overrides, list) and isinstance(record.jobs, list)
+                and all(isinstance(x, str) for x in [*record.overrides, *record.jobs])
+                and isinstance(record.run_dir, str) and isinstance(record.max_steps, int)):
+            raise TypeError("a field of another type")
+        return record
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as err:
@@ -111,21 +116,39 @@ def write_record(sweep_dir: Path, record: PointRecord) -> None:
 
 def progress(run_dir: Path) -> tuple[int | None, float | None]:
     """The last step in the run's metrics.jsonl and the last loss logged; a line cut off
-    by a killed job is skipped (the resumed run rewrites it)."""
-    step = loss = None
+    by a killed job is skipped (the resumed run rewrites it). Reads the file's end only:
+    a long run's records run to tens of MB."""
+    path = run_dir / METRICS_FILE
     try:
-        text = (run_dir / METRICS_FILE).read_text(encoding="utf-8", errors="replace")
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            tail = 1 << 16
+            while True:
+                f.seek(max(size - tail, 0))
+                lines = f.read().decode("utf-8", errors="replace").splitlines()
+                if size > tail:
+                    lines = lines[1:]  # the first may be the end of a longer line
+                step, loss = _last_record(lines)
+                if (step is not None and loss is not None) or size <= tail:
+                    return step, loss
+                tail *= 8
     except OSError:
         return None, None
-    for line in text.splitlines():
+
+
+def _last_record(lines: list[str]) -> tuple[int | None, float | None]:
+    step = loss = None
+    for line in reversed(lines):
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue
+        if step is None:
             step = record["step"]
-            if isinstance(record.get("loss"), (int, float)):
-                loss = float(record["loss"])
+        if isinstance(record.get("loss"), (int, float)) and not isinstance(record["loss"], bool):
+            return step, float(record["loss"])
     return step, loss
 
 
