@@ -18,8 +18,8 @@ from trntrain.trainer import Trainer
 
 SEQ = 1024
 # Two of the models' four layers: one a stage under pp2, and half the time on 2 cores.
-BASE = ("model.n_layers=2", f"train.seq_len={SEQ}", "train.global_batch_size=2", "train.micro_batch_size=1",
-        "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1")
+BASE = ("model.n_layers=2", f"train.seq_len={SEQ}", "train.global_batch_size=2",
+        "train.micro_batch_size=1", "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1")
 PACKED = ("data=synthetic", f"data.source={NAME}")
 LAYOUTS = {  # name: (world size, overrides); activation checkpointing rides along
     "cp2": (2, ("parallel.cp=2",)),
@@ -101,3 +101,24 @@ def test_a_cp_checkpoint_resumes_under_another_cp_and_under_none(distributed, tm
         assert sorted(got["loss"]) == [3, 4], (name, got["loss"])
         assert [got["loss"][s] for s in (3, 4)] == pytest.approx(
             [straight["loss"][s] for s in (3, 4)], rel=1e-5), name
+
+
+def test_hugging_face_export_of_a_cp_run_is_the_single_process_model(distributed, tmp_path):
+    """One safetensors file, written once (by cp rank 0), with the weights of the same
+    run in one process."""
+    from safetensors.torch import load_file
+
+    short = ("train.seq_len=256", "train.global_batch_size=4", "train.max_steps=2",
+             "train.eval_every=0", "checkpoint=hf")
+    distributed(train_in_run_dir, 2, str(tmp_path / "cp2"),
+                (*short, "parallel.cp=2", "parallel.tp=1"))
+    train_in_run_dir(0, 1, str(tmp_path / "cp1"), short)
+    files = {name: sorted((tmp_path / name / "checkpoints" / step_dir_name(2)).glob(
+        "*.safetensors")) for name in ("cp1", "cp2")}
+    assert [p.name for p in files["cp2"]] == ["model.safetensors"]
+    got, expected = load_file(files["cp2"][0]), load_file(files["cp1"][0])
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        # Two AdamW steps: round-off in a gradient near zero moves an update by up to lr.
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=2e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")

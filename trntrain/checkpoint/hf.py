@@ -99,7 +99,7 @@ def save_adapter(directory: Path, states: States) -> None:
                     tensor = all_gather_dim(tensor, p.tp_shard[0], mesh.tp_group)
                 tensors[peft_name(cfg, name)] = tensor.float().cpu().contiguous()
     part = directory / f"adapter-stage-{mesh.pp_rank:05d}.safetensors"
-    if mesh.tp_rank == 0 and mesh.dp_rank == 0:
+    if mesh.tp_rank == 0 and mesh.dp_rank == 0 and mesh.cp_rank == 0:
         save_file(tensors, str(part), metadata={"targets": ",".join(sorted(targets))})
     barrier()  # over gloo: an xla group's barrier returns at once
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -138,7 +138,7 @@ class HfCheckpointer(Checkpointer):
         files, index = stages * ep, mesh.pp_rank * ep + mesh.dp_rank % ep
         name = ("model.safetensors" if files == 1
                 else f"model-{index + 1:05d}-of-{files:05d}.safetensors")
-        if mesh.tp_rank == 0 and mesh.dp_rank < ep:
+        if mesh.tp_rank == 0 and mesh.cp_rank == 0 and mesh.dp_rank < ep:
             save_file(tensors, str(directory / name), metadata={"format": "pt"})
         barrier()  # over gloo: an xla group's barrier returns at once
         if not dist.is_initialized() or dist.get_rank() == 0:
