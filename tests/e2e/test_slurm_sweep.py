@@ -196,7 +196,8 @@ def test_sweep_on_slurm_equals_local_and_resumes_interrupted_points(cluster, tmp
             report.stdout
 
 
-@pytest.mark.parametrize("case", ["sweep_dir", "invalid_point", "unreachable", "partition"])
+@pytest.mark.parametrize("case", ["sweep_dir", "invalid_point", "uncomposable_point",
+                                  "unreachable", "partition"])
 def test_bad_sweep_input_is_one_line_and_submits_nothing(case, cluster, tmp_path, monkeypatch,
                                                          capfd):
     d, env = cluster
@@ -212,6 +213,9 @@ def test_bad_sweep_input_is_one_line_and_submits_nothing(case, cluster, tmp_path
                      r"hydra/launcher=slurm: .*; valid: a fixed directory .*",
         "invalid_point": r"sweep point #1 \(.*parallel\.tp=3.*\): "
                          r"parallel\.tp=3 is invalid: .*Nothing was submitted\.",
+        "uncomposable_point": r"sweep point #1 \(optim\.lr=abc .*\): optim\.lr='abc' is "
+                              r"invalid: .*; valid: a value of type float\. Nothing was "
+                              r"submitted\.",
         "unreachable": r"SLURM is not reachable: sinfo failed: .*; valid: run it where SLURM's "
                        r"client commands reach a running slurmctld .*",
         "partition": r"hydra\.launcher\.partition='gpu' is not a partition of this SLURM "
@@ -223,6 +227,8 @@ def test_bad_sweep_input_is_one_line_and_submits_nothing(case, cluster, tmp_path
         monkeypatch.chdir(tmp_path)
     elif case == "invalid_point":
         args.append("parallel.tp=1,3")
+    elif case == "uncomposable_point":
+        args[args.index("optim.lr=1e-3,2e-3")] = "optim.lr=1e-3,abc"
     elif case == "partition":
         args.append("hydra.launcher.partition=gpu")
     code, out, err = cli_in_process(args, capfd)
@@ -230,6 +236,8 @@ def test_bad_sweep_input_is_one_line_and_submits_nothing(case, cluster, tmp_path
     lines = err.strip().splitlines()
     assert len(lines) == 1 and re.fullmatch(f"trntrain: error: {expected}", lines[0]), err
     assert not (sweep_dir / ".slurm").exists() and not queue(env)
+    if case != "partition":  # refused before the sweeper made its directory
+        assert not sweep_dir.exists()
     assert not (tmp_path / "runs").exists()
 
 

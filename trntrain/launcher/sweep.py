@@ -317,18 +317,27 @@ def submit(decisions: Sequence[Decision], sweep_dir: Path, settings: Settings,
     return arrays
 
 
-def launch(points: Sequence[Point], sweep_dir: Path, settings: Settings,
-           env: dict[str, str] | None = None, out: Callable[[str], None] = print
-           ) -> list[Decision]:
-    """Check every point, ask SLURM, submit the points that need it; one line per point."""
-    env = dict(os.environ if env is None else env)
+def check(points: Sequence[Point], sweep_dir: Path, settings: Settings,
+          env: dict[str, str] | None = None) -> None:
+    """Everything that can stop a sweep before it is submitted: the launcher's keys, every
+    point, SLURM's answer and the partition. UserError, one line."""
     settings.check()
     plan_points(points, sweep_dir, settings)
-    known = slurm.partitions(env)
+    known = slurm.partitions(dict(os.environ if env is None else env))
     if settings.partition is not None and settings.partition not in known:
         raise UserError(f"hydra.launcher.partition={settings.partition!r} is not a partition "
                         f"of this SLURM cluster; valid: one of {', '.join(known) or '(none)'}, "
                         f"or null for the default partition. Nothing was submitted.")
+
+
+def launch(points: Sequence[Point], sweep_dir: Path, settings: Settings,
+           env: dict[str, str] | None = None, out: Callable[[str], None] = print,
+           checked: bool = False) -> list[Decision]:
+    """Check every point (unless `checked` already), ask SLURM, submit the points that
+    need it; one line per point."""
+    env = dict(os.environ if env is None else env)
+    if not checked:
+        check(points, sweep_dir, settings, env)
     records_dir(sweep_dir).mkdir(parents=True, exist_ok=True)
     decisions = decide(points, sweep_dir, env)
     arrays = submit(decisions, sweep_dir, settings, env)
