@@ -661,11 +661,12 @@ class Trainer:
             logger.info("MFU: not reported, the %s backend has no meaningful peak FLOP/s",
                         self.backend.name)
         logger.info(
-            "model %s: %.2f M parameters on this rank | %s backend | tp=%d%s cp=%d pp=%d dp=%d | "
+            "model %s: %.2f M parameters on this rank | %s backend | tp=%d%s%s pp=%d dp=%d | "
             "%d micro-batches of %d x %d tokens per step | %.1f M train tokens",
             self.cfg.model.name, self.num_params / 1e6, self.backend.name, self.mesh.dims.tp,
             " (sequence parallel)" if self.cfg.parallel.sequence_parallel else "",
-            self.mesh.dims.cp, self.mesh.dims.pp, self.mesh.dims.dp,
+            f" cp={self.mesh.dims.cp} ({self.cfg.parallel.cp_attention})"
+            if self.mesh.dims.cp > 1 else "", self.mesh.dims.pp, self.mesh.dims.dp,
             self.train_batches.accumulation_steps, self.micro_batch_size, t.seq_len,
             self.data.num_tokens("train") / 1e6,
         )
