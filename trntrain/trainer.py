@@ -665,7 +665,7 @@ class Trainer:
             "%d micro-batches of %d x %d tokens per step | %.1f M train tokens",
             self.cfg.model.name, self.num_params / 1e6, self.backend.name, self.mesh.dims.tp,
             " (sequence parallel)" if self.cfg.parallel.sequence_parallel else "",
-            f" cp={self.mesh.dims.cp} ({self.cfg.parallel.cp_attention})"
+            f" cp={self.mesh.dims.cp} ({context_attention(self.cfg)})"
             if self.mesh.dims.cp > 1 else "", self.mesh.dims.pp, self.mesh.dims.dp,
             self.train_batches.accumulation_steps, self.micro_batch_size, t.seq_len,
             self.data.num_tokens("train") / 1e6,
