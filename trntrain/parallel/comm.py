@@ -10,11 +10,9 @@ Each name says what runs forward and what runs backward:
 | scatter_to_sequence_region (dim 1)    | split                    | all-gather             |
 | gather_from_sequence_region (dim 1)   | all-gather               | reduce-scatter         |
 | reduce_scatter_to_sequence_region     | reduce-scatter           | all-gather             |
-| gather_from_context_region (dim 1)    | all-gather               | reduce-scatter         |
 
-Activations are (batch, seq, hidden); the sequence dimension is 1. The sequence regions
-are the tp group's (sequence parallelism), the context region the cp group's (context
-parallelism: keys and values, (batch, seq, heads, head_dim)). Only tensor
+Activations are (batch, seq, hidden); the sequence dimension is 1. (Context parallelism's
+key and value exchange is an autograd function of its own: `parallel/context.py`.) Only tensor
 collectives on dimension 0 (all-gather and reduce-scatter into one tensor,
 all-reduce) are used: gloo, nccl and torch-xla's process group all have them.
 Every call is counted in `COMM_STATS` when enabled, for the volume benchmark.
@@ -235,7 +233,3 @@ def gather_from_sequence_region(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def reduce_scatter_to_sequence_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceScatterToSequence.apply(x, group)
-
-
-def gather_from_context_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _GatherFromSequence.apply(x, group)

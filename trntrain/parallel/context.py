@@ -7,17 +7,20 @@ many. Everything but attention is per token and runs on the local 2·L tokens as
 is; attention needs every earlier key, and comes in two kinds (`parallel.cp_attention`):
 
 - `allgather`: the keys and values of the whole sequence are all-gathered along the
-  sequence before the attention core (reduce-scattered in backward), which then runs
-  the local queries against all S keys under a mask of global token indices. Cheap with
-  grouped-query attention (few kv heads), every rank runs the same static shapes, and it
-  needs nothing but all-gather and reduce-scatter: the default on xla and neuron.
+  sequence (kv heads only: cheap with grouped-query attention), and the local queries
+  attend to all S keys in tiles of KEY_TILE under masks of global token indices; the
+  backward gathers them again and reduce-scatters their gradients, so that a rank keeps
+  only its own between the two. Every rank runs the same static shapes and only
+  all-gather and reduce-scatter: the default on xla and neuron.
 - `ring`: each rank's keys and values travel around the cp ring, one hop a step, while
   the rank attends to the block it holds; the partial results merge by their softmax
-  normalisers (online softmax). Blocks that causality hides are skipped (the zig-zag
-  makes each remaining block half of a full one), the next block's transfer overlaps
+  normalisers (online softmax), in the same tiles. The next block's transfer overlaps
   the current one's compute, and no rank ever holds more than two blocks of keys. The
   backward passes the keys and values around again with their gradients. Needs
   point-to-point send and receive (cpu, cuda).
+
+Both skip the chunk pairs causality hides (with the zig-zag, half of the work), and
+neither ever holds a (local tokens x S) score matrix: a tile's, L x KEY_TILE per head.
 
 Positions and document ids stay those of the whole sequence in the batch (as under
 sequence parallelism): rotary embeddings take each local token's own position, and the
@@ -35,9 +38,10 @@ import torch.distributed as dist
 
 from trntrain.parallel.comm import (
     Group,
-    gather_from_context_region,
+    all_gather_dim,
     group_rank,
     group_size,
+    reduce_scatter_dim,
 )
 
 CP_ATTENTION = ("allgather", "ring")
@@ -145,54 +149,52 @@ class Shards:
                      else [documents[:, index] for index in self.index])
         self.chunk = self.index[0].numel() // 2  # L
 
-    def tile(self, rows: slice, owner: int, cols: slice, diagonal: bool) -> Tile:
-        """This rank's query `rows` against cp rank `owner`'s keys `cols`; a mask where
-        some pair is hidden (on the diagonal of causality, or between documents)."""
-        me = self.context.rank
-        if not diagonal and self.docs is None:
-            return Tile(rows, cols, None)
-        q_docs = None if self.docs is None else self.docs[me][:, rows]
-        k_docs = None if self.docs is None else self.docs[owner][:, cols]
-        return Tile(rows, cols, visible(self.index[me][rows], self.index[owner][cols],
-                                        q_docs, k_docs))
+    def tiles(self, owner: int, offset: int = 0) -> list[Tile]:
+        """What this rank computes against cp rank `owner`'s keys (their columns in a
+        tensor where they start at `offset`): each pair of a local chunk and one of the
+        owner's that causality does not hide wholly (the owner's chunk no later), cut
+        into tiles of at most KEY_TILE keys, with a mask where some pair is hidden (the
+        chunk on the diagonal of causality, or other documents). With the zig-zag an
+        earlier owner's first chunk is seen by both local chunks, a later owner's two
+        by the second only, and the rank's own chunks as the causal triangle's three
+        blocks."""
+        me, length = self.context.rank, self.chunk
+        step = min(length, KEY_TILE)
+        tiles = []
+        for q_slot, q_chunk in enumerate(zigzag_chunks(self.context.cp, me)):
+            rows = slice(q_slot * length, (q_slot + 1) * length)
+            for k_slot, k_chunk in enumerate(zigzag_chunks(self.context.cp, owner)):
+                if k_chunk > q_chunk:
+                    continue
+                for start in range(k_slot * length, (k_slot + 1) * length, step):
+                    cols = slice(start, start + step)
+                    mask = None
+                    if k_chunk == q_chunk or self.docs is not None:
+                        q_docs = None if self.docs is None else self.docs[me][:, rows]
+                        k_docs = None if self.docs is None else self.docs[owner][:, cols]
+                        mask = visible(self.index[me][rows], self.index[owner][cols], q_docs,
+                                       k_docs)
+                    tiles.append(Tile(rows, slice(offset + start, offset + start + step),
+                                      mask))
+        return tiles
 
 
 class AllGatherAttention(ShardedAttention):
     """The local queries against the whole sequence's keys and values, all-gathered
-    (kv heads only: the gradients are reduce-scattered back), computed in tiles of
-    KEY_TILE keys with an online softmax: no (local tokens x S) matrix is ever held,
-    and tiles that causality hides are skipped."""
+    (kv heads only) and again in backward, where their gradients are reduce-scattered
+    back: a rank keeps only its own keys and values between the two. Computed in
+    tiles with an online softmax, so no (local tokens x S) matrix is ever held."""
 
     def __init__(self, context: ContextParallel, documents: torch.Tensor | None,
                  device: torch.device) -> None:
         self.context = context
-        self.shards = Shards(context, documents, device)
-        self.tiles = self._tiles()
-
-    def _tiles(self) -> list[Tile]:
-        cp, me, length = self.context.cp, self.context.rank, self.shards.chunk
-        step = min(length, KEY_TILE)
-        tiles = []
-        for q_slot, q_chunk in enumerate(zigzag_chunks(cp, me)):
-            rows = slice(q_slot * length, (q_slot + 1) * length)
-            for owner in range(cp):
-                for k_slot, k_chunk in enumerate(zigzag_chunks(cp, owner)):
-                    if k_chunk > q_chunk:
-                        continue  # wholly in the future
-                    # The gathered keys: owner after owner, each its two chunks.
-                    start = (2 * owner + k_slot) * length
-                    for offset in range(0, length, step):
-                        local = slice(k_slot * length + offset, k_slot * length + offset + step)
-                        tile = self.shards.tile(rows, owner, local, k_chunk == q_chunk)
-                        tiles.append(Tile(rows, slice(start + offset, start + offset + step),
-                                          tile.mask))
-        return tiles
+        shards = Shards(context, documents, device)
+        # The gathered keys: owner after owner, each its two chunks.
+        self.tiles = [tile for owner in range(context.cp)
+                      for tile in shards.tiles(owner, offset=2 * shards.chunk * owner)]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        group = self.context.group
-        k = gather_from_context_region(k, group)
-        v = gather_from_context_region(v, group)
-        return _TiledAttention.apply(q, k, v, self.tiles)
+        return _TiledAttention.apply(q, k, v, self.tiles, self.context.group)
 
 
 class RingAttention(ShardedAttention):
@@ -201,22 +203,11 @@ class RingAttention(ShardedAttention):
     def __init__(self, context: ContextParallel, documents: torch.Tensor | None,
                  device: torch.device) -> None:
         self.context = context
-        self.shards = Shards(context, documents, device)
+        shards = Shards(context, documents, device)
+        self.tiles = [shards.tiles(owner) for owner in range(context.cp)]  # by owner
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _RingAttention.apply(q, k, v, self)
-
-    def tile(self, owner: int) -> Tile:
-        """What this rank computes against the keys of cp rank `owner`: with the
-        zig-zag, an earlier owner's first chunk is wholly visible to both local chunks,
-        a later owner's two chunks to the second local chunk only, and the rank's own
-        keys causally; the rest is hidden."""
-        me, half = self.context.rank, self.shards.chunk
-        if owner == me:
-            return self.shards.tile(slice(None), owner, slice(None), diagonal=True)
-        if owner < me:
-            return self.shards.tile(slice(None), owner, slice(0, half), diagonal=False)
-        return self.shards.tile(slice(half, None), owner, slice(None), diagonal=False)
 
 
 def _exchange(group: Group, send: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -329,29 +320,28 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
 
 
 class _TiledAttention(torch.autograd.Function):
-    """Exact attention of the local queries over keys held whole (the all-gathered
-    sequence's), tile by tile; saves q, k, v, the output and its normaliser only."""
+    """Exact attention of the local queries over the all-gathered keys and values, tile
+    by tile; saves q, the local k and v, the output and its normaliser only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, tiles: list[Tile]):
+    def forward(ctx, q, k, v, tiles: list[Tile], group: Group):
         with _fp32(q):
-            return _TiledAttention._forward(ctx, q, k, v, tiles)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, tiles: list[Tile]):
-        kh, vh = _heads_first(k), _heads_first(v)
-        softmax = Softmax(q, kh.shape[1])
-        for tile in tiles:
-            softmax.add(tile, kh[:, :, tile.cols], vh[:, :, tile.cols])
-        out = softmax.result(q.dtype)
-        ctx.tiles = tiles
+            kh = _heads_first(all_gather_dim(k, 1, group))
+            vh = _heads_first(all_gather_dim(v, 1, group))
+            softmax = Softmax(q, kh.shape[1])
+            for tile in tiles:
+                softmax.add(tile, kh[:, :, tile.cols], vh[:, :, tile.cols])
+            out = softmax.result(q.dtype)
+        ctx.tiles, ctx.group = tiles, group
         ctx.save_for_backward(q, k, v, out, softmax.lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        kh, vh = _heads_first(k), _heads_first(v)
+        group = ctx.group
+        kh = _heads_first(all_gather_dim(k, 1, group))
+        vh = _heads_first(all_gather_dim(v, 1, group))
         grad = SoftmaxGrad(q, out, lse, grad_out, kh.shape[1])
         dk = torch.zeros(kh.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros_like(dk)
@@ -359,8 +349,10 @@ class _TiledAttention(torch.autograd.Function):
             tile_dk, tile_dv = grad.tile(tile, kh[:, :, tile.cols], vh[:, :, tile.cols])
             dk[:, :, tile.cols] += tile_dk
             dv[:, :, tile.cols] += tile_dv
-        return (grad.result(q.dtype), _heads_first(dk).to(k.dtype),
-                _heads_first(dv).to(v.dtype), None)
+        # Every rank's queries add to every rank's keys: summed back onto their owners.
+        dk = reduce_scatter_dim(_heads_first(dk).to(k.dtype), 1, group)
+        dv = reduce_scatter_dim(_heads_first(dv).to(v.dtype), 1, group)
+        return grad.result(q.dtype), dk, dv, None, None
 
 
 class _RingAttention(torch.autograd.Function):
@@ -380,8 +372,8 @@ class _RingAttention(torch.autograd.Function):
         current = torch.stack([_heads_first(k), _heads_first(v)]).contiguous()
         for step in range(cp):
             pending = _exchange(group, current) if step < cp - 1 else None
-            tile = ring.tile((me - step) % cp)
-            softmax.add(tile, current[0][:, :, tile.cols], current[1][:, :, tile.cols])
+            for tile in ring.tiles[(me - step) % cp]:
+                softmax.add(tile, current[0][:, :, tile.cols], current[1][:, :, tile.cols])
             if pending is not None:
                 current, works = pending
                 _wait(works)
@@ -400,11 +392,11 @@ class _RingAttention(torch.autograd.Function):
         dkv = torch.zeros(current.shape, dtype=torch.float32, device=current.device)
         for step in range(cp):
             pending = _exchange(group, current) if step < cp - 1 else None
-            tile = ring.tile((me - step) % cp)
-            tile_dk, tile_dv = grad.tile(tile, current[0][:, :, tile.cols],
-                                         current[1][:, :, tile.cols])
-            dkv[0][:, :, tile.cols] += tile_dk
-            dkv[1][:, :, tile.cols] += tile_dv
+            for tile in ring.tiles[(me - step) % cp]:
+                tile_dk, tile_dv = grad.tile(tile, current[0][:, :, tile.cols],
+                                             current[1][:, :, tile.cols])
+                dkv[0][:, :, tile.cols] += tile_dk
+                dkv[1][:, :, tile.cols] += tile_dv
             if pending is not None:
                 current, works = pending
                 _wait(works)

@@ -447,19 +447,17 @@ def activation_spec(cfg: DictConfig, layout: Layout) -> ActivationSpec:
 
 
 def context_attention_bytes(model: DictConfig, layout: Layout, seq_len: int, e: int
-                            ) -> tuple[float, float]:
-    """(saved, transient): per sequence and layer, the bytes context parallelism's
-    attention core (`trntrain.parallel.context`) holds beyond what a fused core saves
-    (q, k, v, the output and its normaliser, in the family's accounting) on a rank of L
-    = seq_len / (2 cp) tokens per chunk:
-    - saved for backward: the all-gathered keys and values (2 e S kv_local; none for
-      the ring, whose saved keys are the rank's own);
-    - transient, during its backward: fp32 copies of q, the output's gradient and dq
-      (3 x 4 x 2L q_local); fp32 gradients of the keys held (all-gather: 2 x 4 S
-      kv_local; ring: those travelling and those received, with the keys and values
-      themselves, 2 x (2 x 4 + 2 e) 2L kv_local); and one tile's scores, probabilities
-      and their gradient (3 x 4 x heads x its query rows x its keys, L x KEY_TILE for
-      the all-gather, 2 L^2 for the ring) with its expanded keys and values."""
+                            ) -> float:
+    """Per sequence and layer, the bytes context parallelism's attention core
+    (`trntrain.parallel.context`) holds during its backward beyond what a fused core
+    saves (q, k, v, the output and its normaliser, in the family's accounting; the
+    all-gather keeps only the rank's own keys and values between forward and backward),
+    on a rank of L = seq_len / (2 cp) tokens per chunk: fp32 copies of q, the output's
+    gradient and dq (3 x 4 x 2L q_local); the keys and values it holds with their fp32
+    gradients (all-gather: the whole sequence's, 2 (e + 4) S kv_local; ring: those
+    visiting and those received, 2 x 2 (e + 4) 2L kv_local); and one tile's scores,
+    probabilities and their gradient (3 x 4 x heads x L x min(L, KEY_TILE)) with its
+    keys and values expanded to the query heads (2 x 4 x min(L, KEY_TILE) q_local)."""
     from trntrain.parallel.context import KEY_TILE
 
     tp, cp = layout.tp, layout.cp
@@ -470,17 +468,14 @@ def context_attention_bytes(model: DictConfig, layout: Layout, seq_len: int, e: 
     q_local = heads * hd
     local = seq_len // cp
     chunk = local // 2
+    cols = min(chunk, KEY_TILE)
     copies = 3 * 4 * local * q_local
     if layout.cp_attention == "allgather":
-        cols = min(chunk, KEY_TILE)
-        saved = 2 * e * seq_len * kv_local
-        held = 2 * 4 * seq_len * kv_local
-        tile = 3 * 4 * heads * chunk * cols + 2 * 4 * cols * q_local
+        held = 2 * (e + 4) * seq_len * kv_local
     else:
-        saved = 0.0
-        held = 2 * (2 * 4 + 2 * e) * local * kv_local
-        tile = 3 * 4 * heads * 2 * chunk * chunk + 2 * 4 * local * q_local
-    return saved, copies + held + tile
+        held = 2 * 2 * (e + 4) * local * kv_local
+    tile = 3 * 4 * heads * chunk * cols + 2 * 4 * cols * q_local
+    return copies + held + tile
 
 
 def activation_model(cfg: DictConfig, layout: Layout) -> ActivationModel:
@@ -503,13 +498,7 @@ def activation_model(cfg: DictConfig, layout: Layout) -> ActivationModel:
         layer, recompute = one.saved, 0.0
     scores = one.attention_scores
     if layout.cp > 1:
-        saved, transient = context_attention_bytes(m, layout, t.seq_len, e)
-        per_token = layout.cp / t.seq_len
-        if mode == "none":
-            layer += saved * per_token
-        else:  # the core (all-gather included) is recomputed, its gathered keys too
-            recompute += saved * per_token
-        scores = transient * per_token
+        scores = context_attention_bytes(m, layout, t.seq_len, e) * layout.cp / t.seq_len
     v_local = m.vocab_size / tp
     # Embedding: token ids (int64), under tp also the shifted ids and an out-of-range mask.
     first = 8 + (9 if tp > 1 else 0)

@@ -25,7 +25,7 @@ bound of what the layout can do at the given compute efficiency.
   otherwise a ring all-reduce of the gradients in their dtype;
 - cp: per layer and micro-batch, the attention's exchange of keys and values within
   the cp group (kv heads of the rank, e bytes): all-gather, the keys and the values
-  all-gathered forward and their gradients reduce-scattered backward, each
+  all-gathered forward, again backward, and their gradients reduce-scattered, each
   (c - 1) / c x b s kv e / bandwidth; ring, c - 1 hops of the rank's keys and values
   forward and again backward, and c hops of their fp32 gradients, each 2 b (s / c) kv
   bytes / bandwidth; activation checkpointing repeats the forward exchange. Compute and
@@ -198,7 +198,7 @@ def context_comm_s(cfg: DictConfig, layout: Layout, layers: int) -> float:
     b, s = layout.micro_batch_size, t.seq_len
     if layout.cp_attention == "allgather":
         one = (cp - 1) / cp * b * s * kv_local * e / bw  # k or v, gathered or scattered
-        per_layer = (2 + 2 + 2 * forward_again) * one
+        per_layer = (2 + 2 + 2 + 2 * forward_again) * one
     else:
         hop = 2 * b * (s // cp) * kv_local / bw  # k and v together, per byte of element
         per_layer = (cp - 1) * hop * e * (2 + forward_again) + cp * hop * 4
