@@ -373,11 +373,14 @@ def launch_command(argv: list[str]) -> None:
 def plan_command(argv: list[str]) -> None:
     """Print the memory and step-time plan of the configured layout, or a layout search."""
     from trntrain.config import compose
-    from trntrain.plan import plan
+    from trntrain.plan import extend_context, plan
     from trntrain.plan.report import as_json, table, text
     from trntrain.plan.search import search
 
     cfg = compose(argv)
+    note = extend_context(cfg)
+    if note:
+        print(note, file=sys.stderr)
     if cfg.plan.search:
         plans = search(cfg)
         print(as_json(plans) if cfg.plan.format == "json" else table(plans, cfg, cfg.plan.top))

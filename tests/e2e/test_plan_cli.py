@@ -122,3 +122,27 @@ def test_train_warns_before_launch_when_the_layout_does_not_fit(capsys, monkeypa
     assert info.value.code == 3, err
     assert "trntrain: warning: the planner estimates" in err and "plan.search=true" in err
     assert "leaves 14 GiB of its 16 GiB (cluster.reserved_memory_gib=2" in err
+
+
+def test_search_at_128k_tokens_proposes_context_parallelism(capsys):
+    """The acceptance command: at 128k tokens on one Trn1 node only layouts with cp fit
+    the 16 GiB cores, with the all-gather attention (the neuron one) and tp x cp within
+    the node; the model's 8k context is extended for the plan, with a note."""
+    args = ["model=llama3_8b", "cluster=trn1_32xlarge", "train.seq_len=131072",
+            "plan.search=true", "train.precision=bf16", "train.global_batch_size=8"]
+    code, out, err = plan_cli(capsys, *args, "plan.format=json")
+    assert code == 0, err
+    assert "planned with model.max_seq_len=131072" in err and "rope_scaling" in err
+    plans = json.loads(out)
+    assert plans and all(p["cp"] > 1 for p in plans)
+    for p in plans:
+        assert p["fits"] and p["memory_per_core_gib"] <= p["memory_budget_gib"] == 14.0
+        assert p["cp_attention"] == "allgather" and p["tp"] * p["cp"] <= 32
+        assert p["time_s"]["cp_attention"] > 0
+    # Where nothing fits (fp32 on one node), the table says what would make room.
+    from trntrain.config import compose
+    from trntrain.plan.report import table
+
+    empty = table([], compose(args[:3]), 10)
+    assert "0 layouts fit: none within 14 GiB per core" in empty
+    assert "cluster.nodes=1 now" in empty

@@ -586,21 +586,6 @@ def test_search_returns_valid_fitting_layouts_fastest_first():
     assert p.tokens_per_s == pytest.approx(64 * 4096 / p.step_time_s, rel=1e-12)
 
 
-def test_search_proposes_context_parallelism_at_128k_tokens():
-    """`trntrain plan model=llama3_8b cluster=trn1_32xlarge train.seq_len=131072
-    plan.search=true`: at 128k tokens only layouts with cp fit a Trn1 node's 16 GiB cores,
-    with the all-gather attention (the neuron one) and tp x cp within the node."""
-    cfg = compose(["model=llama3_8b", "cluster=trn1_32xlarge", "train.seq_len=131072",
-                   "model.max_seq_len=131072", "train.precision=bf16",
-                   "train.global_batch_size=8"])
-    plans = search(cfg)
-    assert plans and all(p.layout.cp > 1 for p in plans)
-    for p in plans:
-        assert p.fits and p.memory_per_core_gib <= p.budget_gib == 14.0
-        assert p.layout.cp_attention == "allgather" and p.layout.tp * p.layout.cp <= 32
-    assert plans[0].time["cp_attention"] > 0
-
-
 def test_plan_and_search_validate_the_plan_keys():
     cluster = ["model=llama3_8b", "cluster=trn1_32xlarge", "cluster.nodes=4",
                "train.seq_len=4096", "train.global_batch_size=64"]

@@ -82,6 +82,22 @@ def validate_plan_config(cfg: DictConfig) -> None:
     require(p.top > 0, "plan.top", p.top, "a positive number of layouts to show")
 
 
+def extend_context(cfg: DictConfig) -> str | None:
+    """A plan asked for a longer sequence than the model's `max_seq_len` (say 128k tokens
+    for `model=llama3_8b`, 8k): plan it with the model's context extended to
+    `train.seq_len`, and return the note that says what `train` will need."""
+    m, seq_len = cfg.model, cfg.train.seq_len
+    if seq_len <= m.max_seq_len:
+        return None
+    note = (f"note: planned with model.max_seq_len={seq_len} (model {m.name}: "
+            f"{m.max_seq_len}); training needs model.max_seq_len={seq_len}")
+    if m.get("rope_scaling") is None:
+        note += (" and, for positions beyond those the model was trained on, a "
+                 "model.rope_scaling (Llama 3.1's: +experiment=llama3_8b_trn1_128k)")
+    m.max_seq_len = seq_len
+    return note
+
+
 def plan_layout(cfg: DictConfig, layout: Layout) -> Plan:
     """The plan of `layout` with the model, training and cluster of `cfg`."""
     params = all_rank_params(cfg.model, layout, cfg.train.seq_len,
@@ -125,5 +141,5 @@ def fit_warning(cfg: DictConfig, world_size: int) -> str | None:
             f"overrides lists layouts that fit.")
 
 
-__all__ = ["ConfigError", "Layout", "Plan", "fit_warning", "plan", "plan_layout",
-           "validate_plan_config"]
+__all__ = ["ConfigError", "Layout", "Plan", "extend_context", "fit_warning", "plan",
+           "plan_layout", "validate_plan_config"]

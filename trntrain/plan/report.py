@@ -99,7 +99,10 @@ def table(plans: list[Plan], cfg: DictConfig, top: int) -> str:
              f"{t.seq_len} tokens per step, {t.precision}: {len(plans)} layouts fit"
              + (f", the {top} fastest:" if len(plans) > top else ":")]
     if not plans:
-        return lines[0]
+        budget = (c.memory_per_core_gib or 0) - (c.reserved_memory_gib or 0)
+        return (lines[0] + f" none within {budget:g} GiB per core; more nodes "
+                f"(cluster.nodes={c.nodes} now), train.precision=bf16 or a shorter "
+                f"train.seq_len would make room")
     lines.append(f"{'#':>3}  {'tokens/s':>10}  {'MFU':>6}  {'GiB':>6}  {'step s':>7}  layout")
     for i, plan in enumerate(plans[:top], 1):
         tokens = f"{plan.tokens_per_s:,.0f}" if plan.tokens_per_s else "-"
