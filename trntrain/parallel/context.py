@@ -115,10 +115,13 @@ class ContextParallel:
         return local_positions, kind(self, documents, device)
 
 
-# Keys per tile of the all-gather attention: a tile's scores, (heads, L, KEY_TILE) in
-# fp32, are the largest transient of the core (at 128k tokens over cp=4 with 4 local
-# heads: 0.5 GiB), and fewer, larger tiles make a smaller graph on XLA.
-KEY_TILE = 2048
+# Keys per tile: a tile's scores, probabilities and their gradient, (heads, L,
+# KEY_TILE) in fp32 each, are the largest transient of the core (at 128k tokens over
+# cp=4 with 4 local heads: 3 x 128 MiB). Measured on CPU (tests/bench/bench_context.py,
+# 4096 tokens, cp=2): 512 keys take half the time and transient memory of 2048 (below
+# glibc's 32 MiB mmap threshold, no page faults per tile); fewer, larger tiles would
+# make a smaller graph on XLA.
+KEY_TILE = 512
 
 
 # The score of a hidden pair: finite, as -inf would make the normaliser of a row that a
