@@ -19,7 +19,7 @@ XLA_BIN := .venv-xla/bin
 # PYTHONPATH: the shared environment may hold another checkout's editable install.
 XLA_ENV := PYTHONPATH=$(CURDIR) PJRT_DEVICE=CPU TRNTRAIN_REQUIRE_XLA=1
 
-.PHONY: setup setup-xla train test test-cpu test-xla test-torch29 lint bench clean
+.PHONY: setup setup-xla train test test-cpu test-dist test-xla test-torch29 lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,16 +49,22 @@ train: setup
 
 # Everything: lint, the suite on the newest torch, and the XLA tests on torch 2.9 (what
 # Trn1 users run; they include gloo ranks: recorded collectives, DCP over the tp mesh).
-# `make test-torch29` also runs the gloo layouts (tests/dist) and the single-process
-# tests that exercise torch across versions on torch 2.9: about 15 minutes more, kept
-# out of `make test` so that it stays within 40 minutes on 2 cores.
+# pytest's default norecursedirs skips every directory named `dist`, so the gloo layouts
+# (tests/dist, about 15 minutes) run only where named: `make test` names the context-
+# parallel ones (DIST_IN_TEST), as many as its 40 minutes on 2 cores leave room for;
+# `make test-dist` runs them all on the newest torch, `make test-torch29` on torch 2.9
+# with the single-process tests that exercise torch across versions.
+DIST_IN_TEST := tests/dist/test_context_parallel.py
 TORCH29_TESTS := tests/dist $(addsuffix .py,$(addprefix tests/unit/test_,backend \
 	document_mask generate lora reliability reference_step))
 test: test-cpu test-xla
 
 test-cpu: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests $(DIST_IN_TEST)
+
+test-dist: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests/dist
 
 test-xla: setup-xla
 	$(XLA_ENV) $(XLA_BIN)/python -m pytest -q -p no:cacheprovider tests/xla

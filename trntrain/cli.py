@@ -379,14 +379,14 @@ def plan_command(argv: list[str]) -> None:
 
     cfg = compose(argv)
     note = extend_context(cfg)
-    if note:
-        print(note, file=sys.stderr)
     if cfg.plan.search:
         plans = search(cfg)
         print(as_json(plans) if cfg.plan.format == "json" else table(plans, cfg, cfg.plan.top))
     else:
         result = plan(cfg)
         print(as_json(result) if cfg.plan.format == "json" else text(result, cfg))
+    if note:  # after the plan: a config the plan refuses gets its one error line alone
+        print(note, file=sys.stderr)
 
 
 def run_hydra(task: Callable[[DictConfig], None], argv: list[str]) -> None:

@@ -76,7 +76,8 @@ def test_plan_search_json_is_a_ranked_list_of_fitting_layouts(capsys):
     assert all(p["fits"] is True for p in plans)
     speeds = [p["tokens_per_s"] for p in plans]
     assert speeds == sorted(speeds, reverse=True)
-    assert all(p["tp"] * p["pp"] * p["dp"] == 64 for p in plans)
+    assert all(p["tp"] * p["cp"] * p["pp"] * p["dp"] == 64 for p in plans)
+    assert any(p["cp"] > 1 for p in plans)  # 4096 tokens: cp=2 keeps chunks of 1024
 
 
 def test_plan_search_text_shows_the_top_layouts(capsys):

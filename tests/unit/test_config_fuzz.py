@@ -43,6 +43,8 @@ VALID_SOMETIMES = {
 # Invalid for `trntrain plan` only (train ignores the plan section).
 PLAN_KEYS = {
     **KEYS, "plan.format": st.sampled_from(["xml", "", "JSON"]),
+    # A sequence beyond model.max_seq_len is planned with the context extended (a note).
+    "train.seq_len": st.sampled_from([0, -1]),
     "plan.compute_efficiency": st.sampled_from([0, 1.5, -1, "fast"]),
     "plan.top": st.integers(-3, 0), "plan.search": st.sampled_from(["maybe", "2"]),
 }
