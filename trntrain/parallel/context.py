@@ -101,6 +101,8 @@ class ContextParallel:
         self.rank = group_rank(group)
         self.mode = mode
         self.seq_len = seq_len
+        # One causal sequence per row: its tiles and masks are the same at every forward.
+        self._unpacked: dict[torch.device, ShardedAttention] = {}
 
     def prepare(self, positions: torch.Tensor | None, documents: torch.Tensor | None,
                 device: torch.device) -> tuple[torch.Tensor, ShardedAttention]:
@@ -112,7 +114,11 @@ class ContextParallel:
         else:
             local_positions = shard_sequence(positions, self.cp, self.rank)
         kind = AllGatherAttention if self.mode == "allgather" else RingAttention
-        return local_positions, kind(self, documents, device)
+        if documents is not None:
+            return local_positions, kind(self, documents, device)
+        if device not in self._unpacked:
+            self._unpacked[device] = kind(self, None, device)
+        return local_positions, self._unpacked[device]
 
 
 # Keys per tile: a tile's scores, probabilities and their gradient, (heads, L,
@@ -267,11 +273,12 @@ class Softmax:
         self.lse = torch.full(self.out.shape[:-1], MASKED, device=q.device)
 
     def add(self, tile: Tile, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Merge the tile's keys k and values v, (batch, kv heads, keys, d)."""
+        """Merge the tile's columns of the keys k and values v, (batch, kv heads, keys,
+        d)."""
         groups = self.queries.groups
-        scores = self.queries.scores(tile, _expand(k, groups))
+        scores = self.queries.scores(tile, _expand(k[:, :, tile.cols], groups))
         tile_lse = scores.logsumexp(-1)
-        tile_out = torch.exp(scores - tile_lse[..., None]) @ _expand(v, groups)
+        tile_out = torch.exp(scores - tile_lse[..., None]) @ _expand(v[:, :, tile.cols], groups)
         old = self.lse[:, :, tile.rows]
         merged = torch.logaddexp(old, tile_lse)
         self.out[:, :, tile.rows] = (self.out[:, :, tile.rows] * torch.exp(old - merged)[..., None]
@@ -284,8 +291,8 @@ class Softmax:
 
 class SoftmaxGrad:
     """The backward of `Softmax`, visiting the tiles again and recomputing their
-    probabilities from the final normaliser: dq accumulated here, each tile's dk and
-    dv returned."""
+    probabilities from the final normaliser: dq accumulated here, dk and dv into the
+    caller's buffers."""
 
     def __init__(self, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  grad_out: torch.Tensor, kv_heads: int) -> None:
@@ -295,19 +302,21 @@ class SoftmaxGrad:
         self.delta = (self.dout * out.transpose(1, 2).float()).sum(-1)  # softmax's row term
         self.dq = torch.zeros_like(self.queries.q)
 
-    def tile(self, tile: Tile, k: torch.Tensor, v: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """dk and dv of the tile's keys and values, (batch, kv heads, keys, d), fp32."""
-        queries, rows = self.queries, tile.rows
-        keys, values = _expand(k, queries.groups), _expand(v, queries.groups)
+    def add(self, tile: Tile, k: torch.Tensor, v: torch.Tensor, dk: torch.Tensor,
+            dv: torch.Tensor) -> None:
+        """Add the tile's share of the gradients of k and v (batch, kv heads, keys, d)
+        to dk and dv (fp32, the same shape), in the tile's columns."""
+        queries, rows, cols = self.queries, tile.rows, tile.cols
+        keys = _expand(k[:, :, cols], queries.groups)
+        values = _expand(v[:, :, cols], queries.groups)
         probs = torch.exp(queries.scores(tile, keys) - self.lse[:, :, rows][..., None])
         dout = self.dout[:, :, rows]
-        dv = _fold(probs.transpose(-1, -2) @ dout, queries.groups)
+        dv[:, :, cols] += _fold(probs.transpose(-1, -2) @ dout, queries.groups)
         d_scores = probs * (dout @ values.transpose(-1, -2)
                             - self.delta[:, :, rows][..., None]) * queries.scale
         self.dq[:, :, rows] += d_scores @ keys
-        dk = _fold(d_scores.transpose(-1, -2) @ queries.q[:, :, rows], queries.groups)
-        return dk, dv
+        dk[:, :, cols] += _fold(d_scores.transpose(-1, -2) @ queries.q[:, :, rows],
+                                queries.groups)
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
         return self.dq.transpose(1, 2).to(dtype)
@@ -333,7 +342,7 @@ class _TiledAttention(torch.autograd.Function):
             vh = _heads_first(all_gather_dim(v, 1, group))
             softmax = Softmax(q, kh.shape[1])
             for tile in tiles:
-                softmax.add(tile, kh[:, :, tile.cols], vh[:, :, tile.cols])
+                softmax.add(tile, kh, vh)
             out = softmax.result(q.dtype)
         ctx.tiles, ctx.group = tiles, group
         ctx.save_for_backward(q, k, v, out, softmax.lse)
@@ -349,9 +358,7 @@ class _TiledAttention(torch.autograd.Function):
         dk = torch.zeros(kh.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros_like(dk)
         for tile in ctx.tiles:
-            tile_dk, tile_dv = grad.tile(tile, kh[:, :, tile.cols], vh[:, :, tile.cols])
-            dk[:, :, tile.cols] += tile_dk
-            dv[:, :, tile.cols] += tile_dv
+            grad.add(tile, kh, vh, dk, dv)
         # Every rank's queries add to every rank's keys: summed back onto their owners.
         dk = reduce_scatter_dim(_heads_first(dk).to(k.dtype), 1, group)
         dv = reduce_scatter_dim(_heads_first(dv).to(v.dtype), 1, group)
@@ -365,22 +372,18 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ring: RingAttention):
-        with _fp32(q):
-            return _RingAttention._forward(ctx, q, k, v, ring)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, ring: RingAttention):
         group, cp, me = ring.context.group, ring.context.cp, ring.context.rank
-        softmax = Softmax(q, k.shape[2])
-        current = torch.stack([_heads_first(k), _heads_first(v)]).contiguous()
-        for step in range(cp):
-            pending = _exchange(group, current) if step < cp - 1 else None
-            for tile in ring.tiles[(me - step) % cp]:
-                softmax.add(tile, current[0][:, :, tile.cols], current[1][:, :, tile.cols])
-            if pending is not None:
-                current, works = pending
-                _wait(works)
-        out = softmax.result(q.dtype)
+        with _fp32(q):
+            softmax = Softmax(q, k.shape[2])
+            current = torch.stack([_heads_first(k), _heads_first(v)]).contiguous()
+            for step in range(cp):
+                pending = _exchange(group, current) if step < cp - 1 else None
+                for tile in ring.tiles[(me - step) % cp]:
+                    softmax.add(tile, current[0], current[1])
+                if pending is not None:
+                    current, works = pending
+                    _wait(works)
+            out = softmax.result(q.dtype)
         ctx.ring = ring
         ctx.save_for_backward(q, k, v, out, softmax.lse)
         return out
@@ -396,10 +399,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(cp):
             pending = _exchange(group, current) if step < cp - 1 else None
             for tile in ring.tiles[(me - step) % cp]:
-                tile_dk, tile_dv = grad.tile(tile, current[0][:, :, tile.cols],
-                                             current[1][:, :, tile.cols])
-                dkv[0][:, :, tile.cols] += tile_dk
-                dkv[1][:, :, tile.cols] += tile_dv
+                grad.add(tile, current[0], current[1], dkv[0], dkv[1])
             if pending is not None:
                 current, works = pending
                 _wait(works)
